@@ -1,0 +1,1 @@
+"""Revive: a credential-broker sidecar that turns dead OAuth grants into resumable recovery cases."""

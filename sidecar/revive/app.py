@@ -1,0 +1,124 @@
+"""``create_app(settings)``: the sidecar as one aiohttp ``Application``.
+
+Every shared object lives under a typed ``web.AppKey``; every lifetime (the upstream
+session, the credential sources) is one ``cleanup_ctx`` generator, so teardown runs only
+for what started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from revive.api.problems import problem_middleware
+from revive.classify import Policy, load_policies
+from revive.config import Settings
+from revive.errors import ConfigError
+from revive.proxy.pipeline import Proxy, Route
+from revive.sources import CredentialSource, build_source
+
+SETTINGS = web.AppKey("settings", Settings)
+POLICIES = web.AppKey("policies", dict[str, Policy])
+PROXY = web.AppKey("proxy", Proxy)
+SOURCES = web.AppKey("sources", dict[str, CredentialSource])
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+
+PROXY_ROUTE = "/proxy/{connection_id}/{tail:.*}"
+
+
+def resolve_policies(settings: Settings) -> dict[str, Policy]:
+    """Load every policy and check each connection names one (fails start-up otherwise)."""
+    policies = load_policies(Path(settings.policy_dir))
+    for conn in settings.connections:
+        if conn.provider not in policies:
+            raise ConfigError(
+                "settings", f"connections[{conn.id}].provider",
+                f"no policy file {conn.provider}.yaml in {settings.policy_dir}",
+            )
+    return policies
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    limits = settings.limits
+    connector = aiohttp.TCPConnector(
+        limit=limits.max_upstream_connections, ttl_dns_cache=300, keepalive_timeout=30
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,  # relay the provider's bytes as sent; inflate only to classify
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            connect=limits.connect_timeout_seconds,
+            sock_read=limits.upstream_timeout_seconds,
+        ),
+    )
+    app[UPSTREAM] = session
+    yield
+    await session.close()
+
+
+async def _sources(app: web.Application) -> AsyncIterator[None]:
+    settings, policies = app[SETTINGS], app[POLICIES]
+    sources: dict[str, CredentialSource] = {}
+    # The token endpoint gets its own session: its connections should not queue behind
+    # thousands of proxied requests, and it must decompress (it is read, not relayed).
+    token_http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+    try:
+        for conn in settings.connections:
+            sources[conn.id] = build_source(conn, settings, policies[conn.provider], token_http)
+        app[SOURCES] = sources
+        app[PROXY] = Proxy(
+            routes={
+                c.id: Route.build(c, policies[c.provider], sources[c.id])
+                for c in settings.connections
+            },
+            session=app[UPSTREAM],
+            limits=settings.limits,
+            loopback_only=not settings.workers_from_any_address,
+        )
+        yield
+    finally:
+        for source in sources.values():
+            await source.close()
+        await token_http.close()
+
+
+async def _proxy_handler(request: web.Request) -> web.StreamResponse:
+    return await request.app[PROXY].handle(request)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_app(settings: Settings, policies: dict[str, Policy] | None = None) -> web.Application:
+    """Build the sidecar application (not started).
+
+    Raises:
+        ConfigError / PolicyError: the configuration cannot work; nothing was started.
+    """
+    app = web.Application(middlewares=[problem_middleware], client_max_size=settings.limits.max_request_bytes)
+    app[SETTINGS] = settings
+    app[POLICIES] = policies if policies is not None else resolve_policies(settings)
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_sources)
+    app.router.add_route("*", PROXY_ROUTE, _proxy_handler)
+    app.router.add_get("/healthz", _healthz)
+    return app
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Start ``app`` on ``host:port`` (0 = any free port) and return the runner and base URL."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    bound = runner.addresses[0]
+    shown = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
+    return runner, f"http://{shown}:{bound[1]}"

@@ -1,0 +1,230 @@
+"""Typed settings, parsed once at start-up from a YAML file overridden by ``REVIVE_*`` env.
+
+A wrong field fails start-up with the file, the field and the reason (``ConfigError``), so an
+operator never finds out about a typo from a 3 a.m. page.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from yarl import URL
+
+from revive.errors import ConfigError
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _http_url(value: str) -> str:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an absolute http(s) URL")
+    if url.user or url.password:
+        raise ValueError("must not carry credentials")
+    if url.fragment:
+        raise ValueError("must not carry a fragment")
+    return value
+
+
+class StaticSourceConfig(_Model):
+    """Tokens from a file (JSON or YAML ``{access_token, expires_at?}``): tests and the lab."""
+
+    kind: Literal["static"]
+    tokens_file: Path
+
+
+class OAuth2SourceConfig(_Model):
+    """The built-in refresher: the sidecar itself holds the (encrypted) refresh token."""
+
+    kind: Literal["oauth2"]
+    token_url: str
+    authorize_url: str | None = None
+    client_id: str
+    client_secret_file: Path | None = None
+    scopes: list[str] = Field(default_factory=list)
+    refresh_token_file: Path | None = None
+    """Plain refresh token used once to seed the encrypted grant file when none exists yet."""
+    redirect_uri: str | None = None
+    refresh_skew_seconds: float = Field(default=120.0, ge=0, le=3600)
+    token_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+    _check_token_url = field_validator("token_url")(_http_url)
+
+    @field_validator("authorize_url", "redirect_uri")
+    @classmethod
+    def _optional_url(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value)
+
+
+SourceConfig = Annotated[StaticSourceConfig | OAuth2SourceConfig, Field(discriminator="kind")]
+
+
+class ConnectionConfig(_Model):
+    """One upstream account: who the provider is, where it lives, who holds the grant."""
+
+    id: str = Field(pattern=_ID)
+    provider: str = Field(pattern=_ID)
+    base_url: str
+    allowed_hosts: list[str] = Field(default_factory=list)
+    source: SourceConfig
+
+    _check_base_url = field_validator("base_url")(_http_url)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lower_hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if not host or "/" in host or "@" in host:
+                raise ValueError(f"{host!r} is not a host name")
+        return [h.lower().rstrip(".") for h in hosts]
+
+    @model_validator(mode="after")
+    def _base_host_allowed(self) -> ConnectionConfig:
+        host = (URL(self.base_url).host or "").lower()
+        if not self.allowed_hosts:
+            object.__setattr__(self, "allowed_hosts", [host])
+        elif host not in self.allowed_hosts:
+            raise ValueError(f"base_url host {host!r} is not in allowed_hosts")
+        return self
+
+    @property
+    def upstream(self) -> URL:
+        return URL(self.base_url)
+
+
+class LimitsConfig(_Model):
+    """Bounds on every request so one bad worker cannot exhaust the sidecar."""
+
+    max_request_bytes: int = Field(default=10 * 1024 * 1024, ge=0)
+    replay_buffer_bytes: int = Field(default=1024 * 1024, ge=0)
+    """Bodies up to this size are buffered so they can be replayed after a refresh or retry."""
+    classify_read_bytes: int = Field(default=64 * 1024, ge=1024)
+    """How much of an error answer is read (and decompressed) to classify it."""
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    upstream_timeout_seconds: float = Field(default=60.0, gt=0)
+    max_upstream_connections: int = Field(default=256, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything the sidecar reads at start-up (DESIGN §1)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REVIVE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    listen: str = "127.0.0.1:8787"
+    data_dir: Path = Path(".revive")
+    store: str | None = None
+    admin_token_file: Path | None = None
+    policy_dir: Path = Path("policies")
+    connections: list[ConnectionConfig] = Field(default_factory=list)
+    limits: LimitsConfig = LimitsConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers_from_any_address: bool = False
+    """Worker routes answer only on loopback unless this is set."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+                raise ValueError(f"{host!r} is not a host") from None
+        return value
+
+    @model_validator(mode="after")
+    def _unique_connections(self) -> Settings:
+        seen: set[str] = set()
+        for conn in self.connections:
+            if conn.id in seen:
+                raise ValueError(f"connection id {conn.id!r} appears twice")
+            seen.add(conn.id)
+        return self
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{self.data_dir / 'revive.db'}"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.admin_token_file or self.data_dir / "admin-token"
+
+    def connection(self, connection_id: str) -> ConnectionConfig | None:
+        for conn in self.connections:
+            if conn.id == connection_id:
+                return conn
+        return None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Env overrides the YAML file (passed as init kwargs), as DESIGN §1 asks.
+        return env_settings, init_settings
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("static", "oauth2") and parts and parts[-1].lstrip(".") == "source":
+            continue  # the discriminator tag adds nothing for a reader
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(root)"
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read ``path`` (YAML) and ``REVIVE_*`` env into validated settings.
+
+    Raises:
+        ConfigError: naming the file, the field and the reason.
+    """
+    source = str(path) if path else "environment"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(source, "(file)", exc.strerror or str(exc)) from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, "(syntax)", str(exc).replace("\n", " ")) from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(source, "(root)", "must be a mapping")
+        data = loaded or {}
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(source, _field_name(tuple(err["loc"])), err["msg"]) from None

@@ -1,0 +1,29 @@
+"""Credential sources: turn a connection into a provider access token (DESIGN §4).
+
+``build_source`` picks one per connection at start-up; the proxy only sees ``CredentialSource``.
+"""
+
+from revive.sources.base import (
+    TOKEN_REFRESH,
+    CredentialSource,
+    Lease,
+    RefreshClassifier,
+    RefreshVerdict,
+)
+from revive.sources.factory import build_source
+from revive.sources.grants import Grant, GrantStore
+from revive.sources.oauth2 import OAuth2Source
+from revive.sources.static import StaticSource
+
+__all__ = [
+    "TOKEN_REFRESH",
+    "CredentialSource",
+    "Grant",
+    "GrantStore",
+    "Lease",
+    "OAuth2Source",
+    "RefreshClassifier",
+    "RefreshVerdict",
+    "StaticSource",
+    "build_source",
+]

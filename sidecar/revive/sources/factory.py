@@ -1,0 +1,45 @@
+"""Choose each connection's ``CredentialSource`` once, at start-up, from its config."""
+
+from __future__ import annotations
+
+from typing import assert_never
+
+import aiohttp
+
+from revive.config import ConnectionConfig, OAuth2SourceConfig, Settings, StaticSourceConfig
+from revive.sources.base import CredentialSource, RefreshClassifier
+from revive.sources.grants import GrantStore
+from revive.sources.oauth2 import OAuth2Source
+from revive.sources.static import StaticSource
+
+
+def build_source(
+    conn: ConnectionConfig,
+    settings: Settings,
+    classifier: RefreshClassifier,
+    http: aiohttp.ClientSession,
+    *,
+    grants: GrantStore | None = None,
+) -> CredentialSource:
+    """Build the source ``conn.source`` names.
+
+    Args:
+        conn: the connection; ``conn.source`` picks the implementation.
+        settings: for ``data_dir`` (where oauth2 grants are kept).
+        classifier: the connection's policy, used on token-endpoint answers.
+        http: the shared client session for token endpoints.
+        grants: a grant store to share between connections; one under ``data_dir`` otherwise.
+
+    Returns:
+        A source; the caller owns it and must ``close()`` it.
+    """
+    source = conn.source
+    # Class patterns rather than ``match source.kind`` so the type checker narrows the config.
+    match source:
+        case StaticSourceConfig(kind="static"):
+            return StaticSource(conn.id, source.tokens_file)
+        case OAuth2SourceConfig(kind="oauth2"):
+            store = grants if grants is not None else GrantStore(settings.data_dir)
+            return OAuth2Source(conn.id, source, store, classifier, http)
+        case _:
+            assert_never(source)

@@ -1,0 +1,127 @@
+"""GrantStore: encrypted at rest, private modes, atomic replacement."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from revive.errors import CredentialMisconfigured
+from revive.sources.grants import Grant, GrantStore
+
+CANARY_RT = "rt-canary-7f3a9c2e51d84b60"
+
+
+def _grant(token: str = CANARY_RT, generation: int = 1) -> Grant:
+    return Grant(
+        refresh_token=SecretStr(token), scope="a b", generation=generation, obtained_at=1.0
+    )
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_missing_grant_is_none(tmp_path: Path) -> None:
+    assert await GrantStore(tmp_path).load("conn_a") is None
+
+
+async def test_roundtrip_is_encrypted_and_private(tmp_path: Path) -> None:
+    store = GrantStore(tmp_path)
+    await store.save("conn_a", _grant())
+
+    loaded = await GrantStore(tmp_path).load("conn_a")  # a fresh instance reads the key file
+    assert loaded is not None
+    assert loaded.refresh_token.get_secret_value() == CANARY_RT
+    assert (loaded.scope, loaded.generation, loaded.obtained_at) == ("a b", 1, 1.0)
+
+    grant_file = store.path("conn_a")
+    assert CANARY_RT.encode() not in grant_file.read_bytes()
+    assert _mode(grant_file) == 0o600
+    assert _mode(store.key_path) == 0o600
+    assert _mode(grant_file.parent) == 0o700
+    assert _mode(store.key_path.parent) == 0o700
+    assert [p.name for p in grant_file.parent.iterdir()] == ["conn_a.grant"]  # no temp left
+
+
+async def test_secret_never_in_repr(tmp_path: Path) -> None:
+    grant = _grant()
+    store = GrantStore(tmp_path)
+    for text in (repr(grant), str(grant), repr(store), grant.model_dump_json()):
+        assert CANARY_RT not in text
+
+
+async def test_undecryptable_file_is_misconfigured(tmp_path: Path) -> None:
+    store = GrantStore(tmp_path)
+    await store.save("conn_a", _grant())
+    store.key_path.unlink()
+    await GrantStore(tmp_path).save("conn_b", _grant("other-token-1234"))  # creates a new key
+
+    with pytest.raises(CredentialMisconfigured) as info:
+        await GrantStore(tmp_path).load("conn_a")
+    assert "conn_a.grant" in str(info.value)
+    assert CANARY_RT not in str(info.value)
+
+
+async def test_garbage_file_and_missing_key(tmp_path: Path) -> None:
+    store = GrantStore(tmp_path)
+    path = store.path("conn_a")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not fernet at all " + CANARY_RT.encode())
+    with pytest.raises(CredentialMisconfigured) as info:
+        await store.load("conn_a")
+    assert "missing" in str(info.value)
+    assert CANARY_RT not in str(info.value)
+
+
+async def test_file_copied_to_other_connection_is_refused(tmp_path: Path) -> None:
+    store = GrantStore(tmp_path)
+    await store.save("conn_a", _grant())
+    store.path("conn_b").write_bytes(store.path("conn_a").read_bytes())
+    with pytest.raises(CredentialMisconfigured):
+        await store.load("conn_b")
+
+
+async def test_unsafe_connection_id(tmp_path: Path) -> None:
+    with pytest.raises(CredentialMisconfigured):
+        await GrantStore(tmp_path).save("../escape", _grant())
+
+
+async def test_concurrent_key_creation_agrees(tmp_path: Path) -> None:
+    stores = [GrantStore(tmp_path) for _ in range(8)]
+    await asyncio.gather(
+        *(s.save(f"conn_{i}", _grant(f"token-{i}-xyz")) for i, s in enumerate(stores))
+    )
+    reader = GrantStore(tmp_path)
+    for i in range(8):
+        loaded = await reader.load(f"conn_{i}")
+        assert loaded is not None and loaded.refresh_token.get_secret_value() == f"token-{i}-xyz"
+
+
+async def test_atomic_replace_survives_concurrent_reader(tmp_path: Path) -> None:
+    writer, reader = GrantStore(tmp_path), GrantStore(tmp_path)
+    await writer.save("conn_a", _grant("token-0000", generation=1))
+    done = asyncio.Event()
+    seen: set[int] = set()
+
+    async def write() -> None:
+        for gen in range(2, 80):
+            await writer.save("conn_a", _grant(f"token-{gen:04d}", generation=gen))
+        done.set()
+
+    async def read() -> None:
+        while not done.is_set():
+            grant = await reader.load("conn_a")  # never None, never a half-written file
+            assert grant is not None
+            assert grant.refresh_token.get_secret_value() == (
+                f"token-{grant.generation:04d}" if grant.generation > 1 else "token-0000"
+            )
+            seen.add(grant.generation)
+
+    await asyncio.gather(write(), read(), read())
+    final = await reader.load("conn_a")
+    assert final is not None and final.generation == 79
+    assert len(seen) > 1
