@@ -227,13 +227,17 @@ HOSTILE_BODIES: list[object] = [
 def test_never_raises(policies: dict[str, Policy], policy_name: str, status: int | None, phase: str) -> None:
     policy = policies[policy_name]
     for body in HOSTILE_BODIES:
-        for headers in ({}, {"WWW-Authenticate": 'claims="%%%"'}, {"Retry-After": "Tue, 99 Foo"}):
+        header_sets: list[dict[str, str]] = [
+            {}, {"WWW-Authenticate": 'claims="%%%"'}, {"Retry-After": "Tue, 99 Foo"}
+        ]
+        for headers in header_sets:
             v = policy.classify(phase, status, headers, body)  # type: ignore[arg-type]
             assert isinstance(v, Verdict) and isinstance(v.failure_class, FailureClass)
 
 
 def test_odd_header_containers_never_raise(policies: dict[str, Policy]) -> None:
-    for headers in (None, [], "text", {"x": None}, {1: 2}):
+    containers: list[object] = [None, [], "text", {"x": None}, {1: 2}]
+    for headers in containers:
         v = policies["oauth2"].classify("api_call", 401, headers, b"")  # type: ignore[arg-type]
         assert v.failure_class is FailureClass.REFRESHABLE
 

@@ -255,6 +255,9 @@ class Classifier:
     message: tuple[Source, ...] = ()
     code: tuple[Source, ...] = ()  # the policy's default code sources (then the defaults')
     own_counts: tuple[tuple[Phase, int], ...] = ()  # rules the policy file itself declares
+    # False: a 2xx API answer is ok without reading rules or body (the proxy streams it).
+    # The token endpoint's answers are always read: the sidecar needs the token anyway.
+    inspect_success_bodies: bool = True
 
     def rules(self, phase: Phase) -> tuple[Rule, ...]:
         return self.token_refresh if phase is Phase.TOKEN_REFRESH else self.api_call
@@ -268,6 +271,13 @@ class Classifier:
 
     def _classify(self, phase: Phase | str, status: int | None, headers: Any, body: Any) -> Verdict:
         ph = phase if isinstance(phase, Phase) else _PHASES.get(str(phase), Phase.API_CALL)
+        if (
+            not self.inspect_success_bodies
+            and ph is Phase.API_CALL
+            and isinstance(status, int)
+            and 200 <= status < 300
+        ):
+            return Verdict(FailureClass.OK, rule=f"{self.policy}:success")
         answer = Answer(status, headers, body)
         for rule in self.rules(ph):
             if rule.matches(answer):
@@ -327,8 +337,9 @@ def retry_after(answer: Answer, now: float | None = None) -> float | None:
     doc = answer.json
     if isinstance(doc, dict):
         body_value = doc.get("retry_after")
-        if _is_num(body_value) and body_value == body_value:  # not NaN
-            return max(0.0, float(body_value))
+        if isinstance(body_value, (int, float)) and not isinstance(body_value, bool):
+            if body_value == body_value and body_value != float("inf"):  # not NaN / inf
+                return max(0.0, float(body_value))
     return None
 
 

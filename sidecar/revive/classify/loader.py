@@ -174,6 +174,7 @@ def _compile(name: str, file: str, model: PolicyModel, defaults: Policy | None) 
         message=_sources(model.message) + default_message,
         code=policy_code,
         own_counts=tuple(counts),
+        inspect_success_bodies=model.inspect_success_bodies,
     )
     mutating = model.mutating
     return Policy(

@@ -57,6 +57,13 @@ def superseded(current: Lease | None, observed: Lease | None, now: float | None 
     return observed is None or current.access_token != observed.access_token
 
 
+def same_token(a: Lease | None, b: Lease | None) -> bool:
+    """Whether two (possibly absent) leases carry the same access token."""
+    if a is None or b is None:
+        return a is b
+    return a.access_token == b.access_token
+
+
 class CredentialSource(Protocol):
     """Hands out leases for one connection and renews them when the provider rejects one.
 

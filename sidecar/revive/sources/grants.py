@@ -201,3 +201,23 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+async def read_secret_file(path: Path, what: str) -> str:
+    """Read a one-line secret (client secret, seed refresh token) off the loop, stripped.
+
+    Raises:
+        CredentialMisconfigured: missing, unreadable or empty; names ``what`` and the path only.
+    """
+
+    def read() -> str:
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable"
+            raise CredentialMisconfigured(f"{what} ({str(path)!r}): {reason}") from None
+
+    value = await asyncio.to_thread(read)
+    if not value:
+        raise CredentialMisconfigured(f"{what} ({str(path)!r}) is empty")
+    return value

@@ -26,8 +26,8 @@ from yarl import URL
 from revive.config import OAuth2SourceConfig
 from revive.errors import CredentialError, CredentialMisconfigured, CredentialUnavailable, DeadGrant
 from revive.redact import redact
-from revive.sources.base import TOKEN_REFRESH, Lease, RefreshClassifier, superseded
-from revive.sources.grants import Grant, GrantStore
+from revive.sources.base import TOKEN_REFRESH, Lease, RefreshClassifier, same_token, superseded
+from revive.sources.grants import Grant, GrantStore, read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,17 @@ class OAuth2Source:
             CredentialError: fetching the first access token failed (only if none was given).
         """
         async with self._lock:
-            previous = self._grant or await self._grants.load(self.connection_id)
+            try:
+                stored = await self._grants.load(self.connection_id)
+            except CredentialMisconfigured:
+                stored = None  # a reconnect is how an unreadable grant file gets replaced
+            # Disk may be ahead of memory when another process reconnected meanwhile.
+            known = [g.generation for g in (self._grant, stored) if g is not None]
             now = self._clock()
             grant = Grant(
                 refresh_token=SecretStr(refresh_token),
                 scope=scope,
-                generation=previous.generation + 1 if previous else 1,
+                generation=max(known, default=0) + 1,
                 obtained_at=now,
             )
             await self._grants.save(self.connection_id, grant)
@@ -144,8 +149,7 @@ class OAuth2Source:
 
     async def close(self) -> None:
         """Cancel any refresh still running (the client session is the caller's)."""
-        tasks = list(self._tasks)
-        for task in tasks:
+        for task in (tasks := list(self._tasks)):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -160,7 +164,7 @@ class OAuth2Source:
             self._shared is None
             or self._shared.done()
             # A refresh that replaces an older lease than ours may hand back ours: queue anew.
-            or not _same_token(self._shared_for, observed)
+            or not same_token(self._shared_for, observed)
         ):
             self._shared = self._spawn(self._refresh_locked(observed, None))
             self._shared_for = observed
@@ -251,7 +255,7 @@ class OAuth2Source:
         return self._grant
 
     async def _bootstrap(self, path: Path) -> Grant:
-        token = await _read_secret_file(path, f"refresh_token_file of {self.connection_id!r}")
+        token = await read_secret_file(path, f"refresh_token_file of {self.connection_id!r}")
         grant = Grant(
             refresh_token=SecretStr(token),
             scope=" ".join(self._config.scopes) or None,
@@ -263,7 +267,7 @@ class OAuth2Source:
 
     async def _secret(self) -> str | None:
         if not self._secret_loaded and self._config.client_secret_file is not None:
-            self._client_secret = await _read_secret_file(
+            self._client_secret = await read_secret_file(
                 self._config.client_secret_file, f"client_secret_file of {self.connection_id!r}"
             )
         self._secret_loaded = True
@@ -300,27 +304,21 @@ class OAuth2Source:
         code = redact(verdict.provider_code, secrets) if verdict.provider_code else None
         message = redact(verdict.message, secrets) if verdict.message else None
         what = f"token endpoint {self._host} answered {status} ({code or 'no code'})"
+        error: type[CredentialError]
         match kind:
             case "dead_grant":
-                raise DeadGrant(
-                    f"{what}: the grant of {self.connection_id!r} is dead",
-                    provider_code=code,
-                    provider_message=message,
-                )
+                error, why = DeadGrant, f"the grant of {self.connection_id!r} is dead"
             case "transient" | "refreshable":
                 # "refreshable" means nothing at a token endpoint; keep the grant and retry.
-                raise CredentialUnavailable(
-                    f"{what}: refresh failed transiently",
-                    provider_code=code,
-                    provider_message=message,
-                    retry_after=verdict.retry_after,
-                )
+                error, why = CredentialUnavailable, "refresh failed transiently"
             case _:
-                raise CredentialMisconfigured(
-                    f"{what}: the endpoint rejected the client configuration",
-                    provider_code=code,
-                    provider_message=message,
-                )
+                error, why = CredentialMisconfigured, "the endpoint rejected the client config"
+        raise error(
+            f"{what}: {why}",
+            provider_code=code,
+            provider_message=message,
+            retry_after=verdict.retry_after,
+        )
 
     async def _post(self, form: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]:
         timeout = aiohttp.ClientTimeout(total=self._config.token_timeout_seconds)
@@ -370,18 +368,10 @@ class OAuth2Source:
             # Kept in memory first: if the disk write fails, the next refresh still has it.
             self._grant = grant
             await self._grants.save(self.connection_id, grant)
-        raw = payload.get("expires_in")
-        expires_in = _number(raw)
-        expires_at = _expiry(expires_in, now)
+        expires_at = _expiry(_number(payload.get("expires_in")), now)
         self._lease = Lease(self.connection_id, grant.generation, access_token, expires_at)
         self._proactive_not_before = 0.0
         return self._lease
-
-
-def _same_token(a: Lease | None, b: Lease | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a.access_token == b.access_token
 
 
 def _parse_answer(content_type: str, body: bytes) -> dict[str, Any]:
@@ -408,17 +398,3 @@ def _number(value: object) -> float | None:
 
 def _expiry(expires_in: float | None, now: float) -> float | None:
     return None if expires_in is None else now + expires_in
-
-
-async def _read_secret_file(path: Path, what: str) -> str:
-    def read() -> str:
-        try:
-            return path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable"
-            raise CredentialMisconfigured(f"{what} ({str(path)!r}): {reason}") from None
-
-    value = await asyncio.to_thread(read)
-    if not value:
-        raise CredentialMisconfigured(f"{what} ({str(path)!r}) is empty")
-    return value
