@@ -259,9 +259,9 @@ class Proxy:
                 raise UpstreamUnavailable("the upstream broke off its answer") from None
             resp.release()
             if request.method == "HEAD" and resp.content_length is not None:
-                out = web.Response(status=resp.status, reason=resp.reason, headers=headers)
-                out.content_length = resp.content_length
-                return out
+                head = web.Response(status=resp.status, reason=resp.reason, headers=headers)
+                head.content_length = resp.content_length
+                return head
             return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=data)
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
         if resp.content_length is not None:
