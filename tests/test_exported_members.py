@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-PACKAGES = ["revive.classify", "revive.sources"]
+PACKAGES = ["revive.classify", "revive.sources", "revive.tokens", "revive.recovery", "revive.store"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

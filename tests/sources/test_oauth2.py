@@ -537,33 +537,3 @@ async def test_build_source_matches_kind(env: Env) -> None:
     assert isinstance(built, OAuth2Source)
     env.sources.append(built)
     assert (await built.lease()).access_token == "at-canary-0001"
-
-
-def test_public_names() -> None:
-    import revive.sources as sources
-
-    assert sorted(sources.__all__) == sorted(
-        name for name in dir(sources) if not name.startswith("_") and name not in {
-            "base", "factory", "grants", "oauth2", "static"
-        }
-    )
-
-
-# -- with the real classifier --------------------------------------------------------------
-
-
-async def test_real_microsoft_policy(env: Env) -> None:
-    classify = pytest.importorskip("revive.classify")
-    policy_dir = Path(__file__).parents[2] / "policies"
-    policies = await asyncio.to_thread(classify.load_policies, policy_dir)
-    policy = policies["microsoft"]
-    source = OAuth2Source(CONN, env.config(), env.grants, policy, env.http, env.clock)
-    env.sources.append(source)
-    stale = await source.lease()
-    assert stale.access_token == "at-canary-0001"
-
-    env.provider.valid = set()  # the fake answers the real AADSTS700082 body
-    with pytest.raises(DeadGrant) as info:
-        await source.refresh(stale)
-    assert info.value.provider_code == "AADSTS700082"
-    assert info.value.provider_message and "AADSTS700082" in info.value.provider_message

@@ -1,0 +1,45 @@
+"""Durable state behind the ``Store`` Protocol: runs, the action ledger, recovery cases.
+
+Open a backend with :func:`open_store` (an async context manager); code above this package
+depends on :class:`Store` only.
+"""
+
+from revive.store.base import Store
+from revive.store.factory import open_store
+from revive.store.models import (
+    ActionRow,
+    ActionState,
+    CaseDraft,
+    CaseRow,
+    ClaimOutcome,
+    ClaimRequest,
+    ConflictError,
+    ConnectionRow,
+    FinishState,
+    Outcome,
+    RedeemResult,
+    RunRow,
+    StoreUnavailable,
+    TransitionRow,
+)
+from revive.store.sqlite import SqliteStore
+
+__all__ = [
+    "ActionRow",
+    "ActionState",
+    "CaseDraft",
+    "CaseRow",
+    "ClaimOutcome",
+    "ClaimRequest",
+    "ConflictError",
+    "ConnectionRow",
+    "FinishState",
+    "Outcome",
+    "RedeemResult",
+    "RunRow",
+    "SqliteStore",
+    "Store",
+    "StoreUnavailable",
+    "TransitionRow",
+    "open_store",
+]
