@@ -173,7 +173,8 @@ def _wrk_once(spec: LoadSpec, seconds: float, script: Path) -> LoadResult:
                 socket_errors=int(sock),
                 tool="wrk",
             )
-    raise RuntimeError(f"wrk exited {proc.returncode} without a result: {(err or out).strip()[:500]}")
+    detail = (err or out).strip()[:500]
+    raise RuntimeError(f"wrk exited {proc.returncode} without a result: {detail}")
 
 
 def _run_wrk(spec: LoadSpec) -> LoadResult:
@@ -196,7 +197,7 @@ def _run_aiohttp_child(spec: LoadSpec) -> LoadResult:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget, check=False)
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"the aiohttp load generator did not finish within {budget:.0f} s") from None
+        raise RuntimeError(f"the aiohttp load generator ran past {budget:.0f} s") from None
     for line in proc.stdout.splitlines():
         if line.startswith(_RESULT_MARK):
             return LoadResult(**json.loads(line[len(_RESULT_MARK) :]))

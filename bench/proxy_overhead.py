@@ -444,52 +444,35 @@ class Bench:
     rss_peak_kb: int | None = None
 
     def start(self, stack: ExitStack, root: Path) -> None:
-        python = sys.executable
+        """Start every target; a proxy that fails is recorded and left out of the measurements.
+
+        Raises:
+            RuntimeError: the upstream did not start, so nothing can be measured.
+        """
         me = str(Path(__file__).resolve())
-        upstream = spawn("upstream", [python, me, "--role", "upstream"], root)
-        stack.callback(upstream.stop)
+        upstream = self._spawn(stack, "upstream", [sys.executable, me, "--role", "upstream"], root)
         upstream.ready_from_log(20)
-        self.servers["upstream"] = upstream
         self.bases["direct"] = upstream.url
         self.worker_auth["direct"] = f"Bearer {TOKEN}"
 
-        # The three proxies start together; each is then waited for with its own deadline.
+        # The proxies start together; each is then waited for with its own deadline.
         pending: dict[str, Callable[[], None]] = {}
-        baseline = spawn("baseline", [python, me, "--role", "baseline", "--upstream", upstream.url], root)
-        stack.callback(baseline.stop)
+        cmd = [sys.executable, me, "--role", "baseline", "--upstream", upstream.url]
+        baseline = self._spawn(stack, "baseline", cmd, root)
         pending["baseline"] = lambda: baseline.ready_from_log(20)
-        self.servers["baseline"] = baseline
-
         nginx = nginx_binary()
         if nginx is not None:
-            nroot = root / "nginx"
-            nroot.mkdir()
-            # Root-run nginx workers drop to "nobody": let them traverse into their temp dirs.
-            root.chmod(0o711)
-            nroot.chmod(0o755)
-            port = free_port()
-            conf = nroot / "nginx.conf"
-            conf.write_text(nginx_conf(nroot, port, int(upstream.url.rsplit(":", 1)[1])))
-            server = spawn("nginx", [nginx, "-e", str(nroot / "error.log"), "-p", str(nroot),
-                                     "-c", str(conf)], root)  # fmt: skip
-            stack.callback(server.stop)
-            url = f"http://127.0.0.1:{port}"
-            pending["nginx"] = lambda: server.wait_ready(10, lambda: url if _connectable(port) else None)
-            self.servers["nginx"] = server
-
-        revive_cmd = [python, "-m", "revive.cli", "serve", "--config", str(revive_config(root, upstream.url))]
-        revive = spawn("revive", revive_cmd, root, env=revive_env())
-        stack.callback(revive.stop)
+            pending["nginx"] = self._start_nginx(stack, nginx, root, upstream.url)
+        cmd = [sys.executable, "-m", "revive.cli", "serve", "--config"]
+        cmd.append(str(revive_config(root, upstream.url)))
+        revive = self._spawn(stack, "revive", cmd, root, env=revive_env())
         pending["revive"] = lambda: revive.ready_from_log(60)
-        self.servers["revive"] = revive
 
         for name, wait in pending.items():
             try:
                 wait()
                 base = self.servers[name].url + "/proxy/bench"
-                auth = WORKER_TOKEN
-                if name == "revive":
-                    auth = mint_capability(self.servers[name].url)
+                auth = mint_capability(self.servers[name].url) if name == "revive" else WORKER_TOKEN
                 preflight(name, base, {"Authorization": f"Bearer {auth}"})
             except (RuntimeError, OSError, ValueError) as exc:
                 self.failures.append(f"{name} failed to start: {exc}")
@@ -499,8 +482,39 @@ class Bench:
             self.bases[name] = base
             self.worker_auth[name] = f"Bearer {auth}"
         if "revive" in self.bases:
-            time.sleep(0.5)  # let the preflight's garbage settle before calling the RSS idle
-            self.rss_idle_kb = self.servers["revive"].rss_kb()
+            # "Idle" = started and past its first requests (the preflight), before any load.
+            time.sleep(0.5)
+            self.rss_idle_kb = revive.rss_kb()
+
+    def _spawn(
+        self,
+        stack: ExitStack,
+        name: str,
+        cmd: list[str],
+        root: Path,
+        env: dict[str, str] | None = None,
+    ) -> Server:
+        server = spawn(name, cmd, root, env)
+        stack.callback(server.stop)  # registered at once: stopped on every exit path
+        self.servers[name] = server
+        return server
+
+    def _start_nginx(
+        self, stack: ExitStack, binary: str, root: Path, upstream_url: str
+    ) -> Callable[[], None]:
+        nroot = root / "nginx"
+        nroot.mkdir()
+        # Root-run nginx workers drop to "nobody": let them traverse into their temp dirs.
+        root.chmod(0o711)
+        nroot.chmod(0o755)
+        port = free_port()
+        conf = nroot / "nginx.conf"
+        conf.write_text(nginx_conf(nroot, port, int(upstream_url.rsplit(":", 1)[1])))
+        # -e: without it nginx first tries the packaged error log, unwritable for most users.
+        cmd = [binary, "-e", str(nroot / "error.log"), "-p", str(nroot), "-c", str(conf)]
+        server = self._spawn(stack, "nginx", cmd, root)
+        url = f"http://127.0.0.1:{port}"
+        return lambda: server.wait_ready(10, lambda: url if _connectable(port) else None)
 
     def measure(self) -> None:
         upstream = self.servers["upstream"]
@@ -521,7 +535,7 @@ class Bench:
                     body_size=POST_BYTES if method == "POST" else 0,
                     unique_keys=method == "POST",
                 )
-                say(f".. {case:<9} {target:<9} ({self.warmup_s:g} s warm-up, {self.duration_s:g} s)")
+                say(f".. {case:<9} {target:<9} {self.warmup_s:g} s warm-up + {self.duration_s:g} s")
                 before = upstream_stats(upstream)["auth_mismatches"]
                 try:
                     result: LoadResult | None = _load.run(spec, self.tool)
@@ -530,6 +544,13 @@ class Bench:
                     result = None
                 self.results[case][target] = result
                 self.mismatches[case][target] = upstream_stats(upstream)["auth_mismatches"] - before
+                server = self.servers.get(target if target != "direct" else "upstream")
+                if server is not None and server.proc.poll() is not None:
+                    self.failures.append(
+                        f"{target} died under load (status {server.proc.returncode}):\n"
+                        f"{server.tail()}"
+                    )
+                    del self.bases[target]
                 if target == "revive" and result is not None:
                     if result.non_2xx or result.socket_errors:
                         self.failures.append(
@@ -553,7 +574,8 @@ class Bench:
                 result = by_target.get(target)
                 return round(result.rps, 1) if result is not None else None
 
-            direct, revive, baseline = by_target.get("direct"), by_target.get("revive"), by_target.get("baseline")
+            direct, revive = by_target.get("direct"), by_target.get("revive")
+            baseline = by_target.get("baseline")
             ratio = None
             if revive is not None and baseline is not None and baseline.rps > 0:
                 ratio = round(revive.rps / baseline.rps, 3)
@@ -585,7 +607,8 @@ class Bench:
         for case, by_target in self.results.items():
             for target in TARGETS:
                 if target not in by_target and target == "nginx":
-                    rows.append(f"{case:<9} {target:<9} {'(not installed)' if nginx_binary() is None else '(not running)':>9}")
+                    why = "(not installed)" if nginx_binary() is None else "(not running)"
+                    rows.append(f"{case:<9} {target:<9} {why:>9}")
                     continue
                 result = by_target.get(target)
                 if result is None:
@@ -598,14 +621,14 @@ class Bench:
                 )
             s = summary[case]
             rows.append(
-                f"{'':<9} revive/baseline = {_fmt(s['ratio_vs_baseline'])}, added latency vs direct: "
-                f"p50 {_fmt(s['p50_added_us'], '+')} us, p99 {_fmt(s['p99_added_us'], '+')} us"
+                f"{'':<9} revive/baseline = {_fmt(s['ratio_vs_baseline'], '.3f')}, "
+                f"added latency vs direct: p50 {_fmt(s['p50_added_us'], '+')} us, "
+                f"p99 {_fmt(s['p99_added_us'], '+')} us"
             )
             rows.append("")
-        rows.append(
-            f"revive RSS: idle {_fmt(_mb(self.rss_idle_kb))} MB, after load "
-            f"{_fmt(_mb(self.rss_load_kb))} MB (peak {_fmt(_mb(self.rss_peak_kb))} MB)"
-        )
+        idle, load, peak = (_fmt(_mb(kb), ".1f") for kb in
+                            (self.rss_idle_kb, self.rss_load_kb, self.rss_peak_kb))  # fmt: skip
+        rows.append(f"revive RSS: idle {idle} MB, after load {load} MB (peak {peak} MB)")
         return "\n".join(rows)
 
 
@@ -621,10 +644,8 @@ def _mb(kb: int | None) -> float | None:
     return None if kb is None else round(kb / 1024, 1)
 
 
-def _fmt(value: float | int | None, sign: str = "") -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:{sign}}" if isinstance(value, int) else f"{value:{sign}g}"
+def _fmt(value: float | int | None, spec: str = "") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 class Terminated(Exception):
@@ -645,7 +666,9 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1.5 s per measurement (< 40 s in all)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1.5 s per measurement (under 40 s in all)"
+    )
     parser.add_argument("--duration", type=float, help="seconds per measurement (default 7)")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up before each measurement")
     parser.add_argument("--tool", choices=("auto", "wrk", "aiohttp"), default="auto",
@@ -686,7 +709,10 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as exc:  # the upstream itself: nothing can be measured
                 say(f"!! {exc}")
                 return 1
-            bench.measure()
+            try:
+                bench.measure()
+            except (RuntimeError, OSError, ValueError) as exc:  # the upstream stopped answering
+                bench.failures.append(f"measurement aborted: {exc}")
     except KeyboardInterrupt:
         say("interrupted; every child process was stopped")
         return 130

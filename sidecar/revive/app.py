@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from revive.api.problems import problem_middleware
+from revive.api.problems import not_found, with_problems
 from revive.classify import Policy, load_policies
 from revive.config import Settings
 from revive.errors import ConfigError
@@ -51,7 +51,6 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         connector=connector,
         auto_decompress=False,  # relay the provider's bytes as sent; inflate only to classify
         cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         timeout=aiohttp.ClientTimeout(
             total=None,
             connect=limits.connect_timeout_seconds,
@@ -89,10 +88,12 @@ async def _sources(app: web.Application) -> AsyncIterator[None]:
         await token_http.close()
 
 
+@with_problems
 async def _proxy_handler(request: web.Request) -> web.StreamResponse:
     return await request.app[PROXY].handle(request)
 
 
+@with_problems
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -103,13 +104,14 @@ def create_app(settings: Settings, policies: dict[str, Policy] | None = None) ->
     Raises:
         ConfigError / PolicyError: the configuration cannot work; nothing was started.
     """
-    app = web.Application(middlewares=[problem_middleware], client_max_size=settings.limits.max_request_bytes)
+    app = web.Application(client_max_size=settings.limits.max_request_bytes)
     app[SETTINGS] = settings
     app[POLICIES] = policies if policies is not None else resolve_policies(settings)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_sources)
     app.router.add_route("*", PROXY_ROUTE, _proxy_handler)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_route("*", "/{tail:.*}", not_found)  # last: everything unmatched
     return app
 
 

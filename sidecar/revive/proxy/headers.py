@@ -47,6 +47,10 @@ def upstream_headers(
         if name.lower() not in drop and not name.lower().startswith("revive-"):
             out.add(name, value)
     out["Authorization"] = f"Bearer {token}"
+    if "Accept-Encoding" not in out:
+        # The client library would otherwise ask for gzip on the worker's behalf, and we
+        # relay the provider's bytes undecoded: a worker that asked for nothing gets identity.
+        out["Accept-Encoding"] = "identity"
     return out
 
 

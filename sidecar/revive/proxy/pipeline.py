@@ -47,7 +47,6 @@ from revive.sources import CredentialSource, Lease
 
 log = logging.getLogger("revive.proxy")
 
-_SMALL_BODY = 256 * 1024  # answers up to this size are relayed in one write
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,18 +250,10 @@ class Proxy:
         location = headers.get("Location")
         if location is not None:
             headers["Location"] = self._rewrite_location(route, resp.url, location)
-        if complete or (resp.content_length is not None and resp.content_length <= _SMALL_BODY):
-            try:
-                data = prefix if complete else await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                resp.close()
-                raise UpstreamUnavailable("the upstream broke off its answer") from None
+        if complete:  # already read for classification: one write
             resp.release()
-            if request.method == "HEAD" and resp.content_length is not None:
-                head = web.Response(status=resp.status, reason=resp.reason, headers=headers)
-                head.content_length = resp.content_length
-                return head
-            return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=data)
+            return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=prefix)
+        # Streaming even small answers: measured faster here than read() + web.Response.
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
         if resp.content_length is not None:
             out.content_length = resp.content_length

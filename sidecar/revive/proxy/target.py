@@ -9,6 +9,7 @@ percent-encoded), or a control character. The result must still be on an allowed
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from urllib.parse import unquote
 
 from yarl import URL
@@ -59,8 +60,12 @@ def check_tail(tail: str) -> None:
             raise BadTarget("'.' and '..' path segments are not allowed")
 
 
+@lru_cache(maxsize=4096)
 def upstream_url(base: URL, tail: str, query: str) -> URL:
-    """Join ``tail`` (raw, percent-encoded as the worker sent it) and ``query`` onto ``base``."""
+    """Join ``tail`` (raw, percent-encoded as the worker sent it) and ``query`` onto ``base``.
+
+    Cached: workers poll the same few paths, and a refusal (an exception) is never cached.
+    """
     check_tail(tail)
     base_path = base.raw_path.rstrip("/")
     return URL.build(
