@@ -13,6 +13,7 @@ from revive.recovery.machine import (
     next_state,
     validate,
 )
+from revive.recovery.reconcile import ReconcileResult, Reconciler, odata_escape, stamp_request
 
 __all__ = [
     "FINAL_STATES",
@@ -20,10 +21,14 @@ __all__ = [
     "TRANSITIONS",
     "CaseEvent",
     "CaseState",
+    "ReconcileResult",
+    "Reconciler",
     "TransitionNotAllowed",
     "TransitionTableError",
     "allowed_events",
     "is_final",
     "next_state",
+    "odata_escape",
+    "stamp_request",
     "validate",
 ]

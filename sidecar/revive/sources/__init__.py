@@ -10,6 +10,7 @@ from revive.sources.base import (
     RefreshClassifier,
     RefreshVerdict,
 )
+from revive.sources.connect import ConnectFlow, ConnectResult, ConsentDenied
 from revive.sources.factory import build_source
 from revive.sources.grants import Grant, GrantStore
 from revive.sources.oauth2 import OAuth2Source
@@ -17,6 +18,9 @@ from revive.sources.static import StaticSource
 
 __all__ = [
     "TOKEN_REFRESH",
+    "ConnectFlow",
+    "ConnectResult",
+    "ConsentDenied",
     "CredentialSource",
     "Grant",
     "GrantStore",
