@@ -13,7 +13,6 @@ import binascii
 import json
 import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any

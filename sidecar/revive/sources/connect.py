@@ -37,7 +37,7 @@ from yarl import URL
 from revive.config import OAuth2SourceConfig
 from revive.errors import BadRequest, CredentialMisconfigured, CredentialUnavailable
 from revive.redact import redact
-from revive.sources.oauth2 import MAX_ANSWER_BYTES, _number, _parse_answer
+from revive.sources.token_endpoint import number, parse_answer, post_form
 
 __all__ = ["ConnectFlow", "ConnectResult", "ConsentDenied", "pkce_challenge"]
 
@@ -182,8 +182,8 @@ class ConnectFlow:
             form["client_secret"] = client_secret
         known = [code, pending.verifier, client_secret or ""]
         host = URL(config.token_url).host or "token endpoint"
-        status, headers, body = await _post(http, config, form, host)
-        payload = _parse_answer(headers.get("Content-Type", ""), body)
+        status, headers, body = await post_form(http, config, form, host)
+        payload = parse_answer(headers.get("Content-Type", ""), body)
         if not 200 <= status < 300:
             raise _exchange_error(status, headers, payload, host, known)
         refresh_token = payload.get("refresh_token")
@@ -195,7 +195,7 @@ class ConnectFlow:
             connection_id,
             refresh_token,
             access_token if isinstance(access_token, str) and access_token else None,
-            _number(payload.get("expires_in")),
+            number(payload.get("expires_in")),
             scope if isinstance(scope, str) and scope else None,
         )
 
@@ -228,35 +228,6 @@ class ConnectFlow:
             del self._pending[state]
 
 
-async def _post(
-    http: aiohttp.ClientSession, config: OAuth2SourceConfig, form: Mapping[str, str], host: str
-) -> tuple[int, Mapping[str, str], bytes]:
-    timeout = aiohttp.ClientTimeout(total=config.token_timeout_seconds)
-    try:
-        async with http.post(
-            config.token_url,
-            data=dict(form),
-            headers={"Accept": "application/json"},
-            timeout=timeout,
-            allow_redirects=False,  # a 307 would re-send the code and secret elsewhere
-        ) as resp:
-            body = bytearray()
-            while len(body) <= MAX_ANSWER_BYTES:
-                chunk = await resp.content.read(MAX_ANSWER_BYTES + 1 - len(body))
-                if not chunk:
-                    break
-                body += chunk
-            if len(body) > MAX_ANSWER_BYTES:
-                raise CredentialUnavailable(
-                    f"token endpoint {host} answered more than {MAX_ANSWER_BYTES} bytes"
-                )
-            return resp.status, resp.headers, bytes(body)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        # aiohttp's text names host and port only; the form never enters it.
-        why = f"token endpoint {host} unreachable: {type(exc).__name__}"
-        raise CredentialUnavailable(why) from exc
-
-
 def _text(value: object, known: list[str], limit: int = _MAX_PROVIDER_TEXT) -> str | None:
     """Provider-supplied text, redacted and cut short (it is attacker-controllable)."""
     return redact(value, known)[:limit] if isinstance(value, str) and value else None
@@ -274,7 +245,7 @@ def _exchange_error(
             f"{what}: try connecting again later",
             provider_code=code,
             provider_message=message,
-            retry_after=_number(headers.get("Retry-After")),
+            retry_after=number(headers.get("Retry-After")),
         )
     hint = "start the connect flow again" if code == "invalid_grant" else "check the client config"
     return CredentialMisconfigured(f"{what}: {hint}", provider_code=code, provider_message=message)

@@ -24,6 +24,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from revive.errors import CredentialMisconfigured
+from revive.fsutil import fsync_dir
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FORMAT = 1
@@ -191,16 +192,9 @@ def _write_atomic(final: Path, data: bytes, *, exclusive: bool = False) -> None:
             os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; without it a crash can resurrect the old file.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def read_secret_file(path: Path, what: str) -> str:

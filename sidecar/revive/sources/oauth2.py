@@ -10,14 +10,11 @@ A rotated refresh token is persisted before the new access token is handed out.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import aiohttp
 from pydantic import SecretStr
@@ -28,10 +25,10 @@ from revive.errors import CredentialError, CredentialMisconfigured, CredentialUn
 from revive.redact import redact
 from revive.sources.base import TOKEN_REFRESH, Lease, RefreshClassifier, same_token, superseded
 from revive.sources.grants import Grant, GrantStore, read_secret_file
+from revive.sources.token_endpoint import number, parse_answer, post_form
 
 log = logging.getLogger(__name__)
 
-MAX_ANSWER_BYTES = 256 * 1024
 _PROACTIVE_BACKOFF = 5.0  # seconds between failed proactive refreshes, absent a Retry-After
 
 
@@ -321,34 +318,10 @@ class OAuth2Source:
         )
 
     async def _post(self, form: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]:
-        timeout = aiohttp.ClientTimeout(total=self._config.token_timeout_seconds)
-        try:
-            async with self._http.post(
-                self._config.token_url,
-                data=dict(form),
-                headers={"Accept": "application/json"},
-                timeout=timeout,
-                allow_redirects=False,  # a 307 would re-send the refresh token elsewhere
-            ) as resp:
-                body = bytearray()
-                while len(body) <= MAX_ANSWER_BYTES:
-                    chunk = await resp.content.read(MAX_ANSWER_BYTES + 1 - len(body))
-                    if not chunk:
-                        break
-                    body += chunk
-                if len(body) > MAX_ANSWER_BYTES:
-                    raise CredentialUnavailable(
-                        f"token endpoint {self._host} answered more than {MAX_ANSWER_BYTES} bytes"
-                    )
-                return resp.status, resp.headers, bytes(body)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # aiohttp's text names host and port only; the form never enters it.
-            raise CredentialUnavailable(
-                f"token endpoint {self._host} unreachable: {type(exc).__name__}"
-            ) from exc
+        return await post_form(self._http, self._config, form, self._host)
 
     async def _accept(self, grant: Grant, headers: Mapping[str, str], body: bytes) -> Lease:
-        payload = _parse_answer(headers.get("Content-Type", ""), body)
+        payload = parse_answer(headers.get("Content-Type", ""), body)
         access_token = payload.get("access_token")
         if not isinstance(access_token, str) or not access_token:
             raise CredentialUnavailable(
@@ -368,32 +341,10 @@ class OAuth2Source:
             # Kept in memory first: if the disk write fails, the next refresh still has it.
             self._grant = grant
             await self._grants.save(self.connection_id, grant)
-        expires_at = _expiry(_number(payload.get("expires_in")), now)
+        expires_at = _expiry(number(payload.get("expires_in")), now)
         self._lease = Lease(self.connection_id, grant.generation, access_token, expires_at)
         self._proactive_not_before = 0.0
         return self._lease
-
-
-def _parse_answer(content_type: str, body: bytes) -> dict[str, Any]:
-    """JSON, or the form encoding older GitHub-style endpoints still send."""
-    text = body.decode("utf-8", errors="replace")
-    if "x-www-form-urlencoded" in content_type.lower():
-        return dict(parse_qsl(text))
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)  # type: ignore[arg-type]  # providers send "3599" as well
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) and number > 0 else None
 
 
 def _expiry(expires_in: float | None, now: float) -> float | None:

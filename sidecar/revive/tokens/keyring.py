@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from revive.errors import ConfigError
+from revive.fsutil import fsync_dir
 
 __all__ = ["Keyring", "jwk_thumbprint"]
 
@@ -235,7 +236,7 @@ def _delete_key(keys_dir: Path, kid: str) -> None:
     try:
         for path in keys_dir.glob(f"*-{kid}.pem"):
             path.unlink(missing_ok=True)
-        _fsync_dir(keys_dir)
+        fsync_dir(keys_dir)
     except OSError as exc:
         raise ConfigError(
             str(keys_dir), "keys", f"cannot delete key file: {exc.strerror or exc}"
@@ -260,13 +261,4 @@ def _write_private(final: Path, data: bytes) -> None:
         os.link(tmp, final)  # fails rather than overwrite: a key file is never replaced
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the new name durable; without it a crash could lose a key that already signed.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)
