@@ -36,11 +36,6 @@ def test_upstream_swaps_credential_and_strips_control_headers() -> None:
     assert out["Content-Type"] == "application/json"
 
 
-def test_upstream_keeps_provider_idempotency_header() -> None:
-    out = upstream_headers(_h(("Idempotency-Key", "k1")), "t", keep=("Idempotency-Key",))
-    assert out["Idempotency-Key"] == "k1"
-
-
 def test_downstream_strips_hop_by_hop_and_cookies() -> None:
     out = downstream_headers(
         _h(("Content-Type", "application/json"), ("Transfer-Encoding", "chunked"),

@@ -40,6 +40,7 @@ class Echo:
 
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
+        self.flaky = 0
         self.app = web.Application()
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
         self.url = ""
@@ -52,6 +53,9 @@ class Echo:
             raise web.HTTPFound(request.query.get("to", "https://evil.example/steal"))
         if tail == "same-host-redirect":
             raise web.HTTPFound("/api/moved?x=1")
+        if tail == "flaky" and self.flaky > 0:
+            self.flaky -= 1
+            return web.json_response({"Title": "Service Unavailable"}, status=503)
         if tail == "big":
             resp = web.StreamResponse()
             resp.content_length = 4 * 1024 * 1024
@@ -83,7 +87,7 @@ def sidecar_factory(tmp_path: Path, provider: RunningProvider) -> SidecarFactory
 
     @asynccontextmanager
     async def make(
-        echo: Echo | None = None, limits: LimitsConfig | None = None
+        echo: Echo | None = None, limits: LimitsConfig | None = None, echo_provider: str = "oauth2"
     ) -> AsyncIterator[RunningSidecar]:
         grant = await provider.new_grant()
         settings = await asyncio.to_thread(
@@ -98,7 +102,7 @@ def sidecar_factory(tmp_path: Path, provider: RunningProvider) -> SidecarFactory
             tokens.write_text(json.dumps({"access_token": CANARY}))
             extra = ConnectionConfig(
                 id="conn_echo",
-                provider="oauth2",
+                provider=echo_provider,
                 base_url=f"{echo.url}/api",
                 allowed_hosts=["127.0.0.1"],
                 source=StaticSourceConfig(kind="static", tokens_file=tokens),
@@ -238,6 +242,22 @@ async def test_mutating_request_is_not_retried_on_429(
             assert resp.headers["Retry-After"] == "1"
     assert len([c for c in await provider.calls() if c["path"] == "/v1.0/me/sendMail"]) == 1
     assert await provider.mails() == []
+
+
+async def test_mutating_request_with_provider_idempotency_is_retried(
+    sidecar_factory: SidecarFactory, echo: Echo, http: aiohttp.ClientSession
+) -> None:
+    # Xero honours Idempotency-Key, so a POST that met a 503 may safely go again.
+    echo.flaky = 1
+    async with sidecar_factory(echo, echo_provider="xero") as sidecar:
+        async with http.post(
+            sidecar.proxy("conn_echo", "flaky"), json={"x": 1}, headers={"Idempotency-Key": "inv-1"}
+        ) as resp:
+            assert resp.status == 200
+        echo.flaky = 1
+        async with http.post(sidecar.proxy("conn_echo", "flaky"), json={"x": 1}) as resp:
+            assert resp.status == 503  # no key: the provider cannot deduplicate, not repeated
+    assert [s["headers"].get("Idempotency-Key") for s in echo.seen] == ["inv-1", "inv-1", None]
 
 
 async def test_commit_then_drop_sends_exactly_one_mail_and_says_outcome_unknown(

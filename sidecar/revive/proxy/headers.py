@@ -7,7 +7,7 @@ every ordinary header pass through unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -32,16 +32,9 @@ def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
     return {t.strip().lower() for t in value.split(",") if t.strip()}
 
 
-def upstream_headers(
-    incoming: CIMultiDictProxy[str], token: str, keep: Iterable[str] = ()
-) -> CIMultiDict[str]:
-    """Headers for the upstream request, with ``Authorization`` set to the provider token.
-
-    Args:
-        keep: extra header names that must survive (e.g. the provider's own idempotency header).
-    """
+def upstream_headers(incoming: CIMultiDictProxy[str], token: str) -> CIMultiDict[str]:
+    """Headers for the upstream request, with ``Authorization`` set to the provider token."""
     drop = _STRIP_UP | _connection_tokens(incoming)
-    drop -= {k.lower() for k in keep}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name.lower() not in drop and not name.lower().startswith("revive-"):

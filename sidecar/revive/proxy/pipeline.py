@@ -102,21 +102,20 @@ class Proxy:
         policy = route.policy
         method = request.method
         mutating = policy.is_mutating(method, url.path)
-        keep: tuple[str, ...] = ()
         idempotency_key = request.headers.get("Idempotency-Key")
-        if policy.idempotency_header and idempotency_key:
-            keep = (policy.idempotency_header,)
+        provider_dedupes = bool(policy.idempotency_header and idempotency_key)
         # A mutating request may only be repeated when the provider itself deduplicates it.
-        safe = not mutating or bool(keep)
+        safe = not mutating or provider_dedupes
         body = await read_body(request, self.limits)
         try:
             state = _Attempt(await route.source.lease())
         except CredentialError as exc:
             raise problem_for_credential_error(exc, connection_id=route.connection.id) from None
+        headers = upstream_headers(request.headers, state.lease.access_token)
+        if provider_dedupes and policy.idempotency_header and idempotency_key:
+            headers[policy.idempotency_header] = idempotency_key
         while True:
-            headers = upstream_headers(request.headers, state.lease.access_token, keep)
-            if keep and policy.idempotency_header and idempotency_key:
-                headers[policy.idempotency_header] = idempotency_key
+            headers["Authorization"] = f"Bearer {state.lease.access_token}"  # may be refreshed
             try:
                 resp = await send(self.session, method, url, headers, body.payload())
             except NotSent:
