@@ -7,6 +7,7 @@ for what started.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -53,7 +54,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(
             total=None,
-            connect=limits.connect_timeout_seconds,
+            sock_connect=limits.connect_timeout_seconds,
             sock_read=limits.upstream_timeout_seconds,
         ),
     )
@@ -79,13 +80,21 @@ async def _sources(app: web.Application) -> AsyncIterator[None]:
             },
             session=app[UPSTREAM],
             limits=settings.limits,
-            loopback_only=not settings.workers_from_any_address,
+            # A loopback listener cannot be reached from elsewhere: skip the per-request check.
+            loopback_only=not settings.workers_from_any_address and not _is_loopback_host(settings.host),
         )
         yield
     finally:
         for source in sources.values():
             await source.close()
         await token_http.close()
+
+
+def _is_loopback_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @with_problems

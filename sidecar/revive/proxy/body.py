@@ -31,7 +31,7 @@ class RequestBody:
         return self.stream if self.stream is not None else self.data
 
 
-_EMPTY = RequestBody(None)
+EMPTY_BODY = RequestBody(None)
 
 
 async def read_body(request: web.Request, limits: LimitsConfig) -> RequestBody:
@@ -41,7 +41,7 @@ async def read_body(request: web.Request, limits: LimitsConfig) -> RequestBody:
         PayloadTooLarge: the declared or actual size exceeds ``max_request_bytes``.
     """
     if not request.body_exists:
-        return _EMPTY
+        return EMPTY_BODY
     length = request.content_length
     limit = limits.max_request_bytes
     if length is not None:

@@ -47,7 +47,7 @@ def upstream_headers(incoming: CIMultiDictProxy[str], token: str) -> CIMultiDict
     return out
 
 
-def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def downstream_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     """Headers for the answer to the worker: everything but hop-by-hop and cookies."""
     drop = _STRIP_DOWN | _connection_tokens(upstream)
-    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
+    return [(k, v) for k, v in upstream.items() if k.lower() not in drop]

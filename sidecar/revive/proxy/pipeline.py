@@ -38,7 +38,7 @@ from revive.errors import (
     problem_for_credential_error,
 )
 from revive.proxy.backoff import backoff_delay
-from revive.proxy.body import RequestBody, read_body
+from revive.proxy.body import EMPTY_BODY, RequestBody, read_body
 from revive.proxy.forward import NoAnswer, NotSent, send
 from revive.proxy.headers import downstream_headers, upstream_headers
 from revive.proxy.inspect import inflate_for_classifier, read_prefix
@@ -106,7 +106,7 @@ class Proxy:
         provider_dedupes = bool(policy.idempotency_header and idempotency_key)
         # A mutating request may only be repeated when the provider itself deduplicates it.
         safe = not mutating or provider_dedupes
-        body = await read_body(request, self.limits)
+        body = await read_body(request, self.limits) if request.body_exists else EMPTY_BODY
         try:
             state = _Attempt(await route.source.lease())
         except CredentialError as exc:
@@ -245,15 +245,19 @@ class Proxy:
         complete: bool,
     ) -> web.StreamResponse:
         """Send the upstream answer to the worker, streaming what was not read yet."""
-        headers = downstream_headers(resp.headers)
+        out: web.StreamResponse
+        if complete:  # already read for classification: one write
+            resp.release()
+            out = web.Response(status=resp.status, reason=resp.reason, body=prefix)
+        else:  # streaming even small answers: measured faster than read() + web.Response
+            out = web.StreamResponse(status=resp.status, reason=resp.reason)
+        headers = out.headers
+        headers.extend(downstream_headers(resp.headers))  # one copy, not two
         location = headers.get("Location")
         if location is not None:
             headers["Location"] = self._rewrite_location(route, resp.url, location)
-        if complete:  # already read for classification: one write
-            resp.release()
-            return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=prefix)
-        # Streaming even small answers: measured faster here than read() + web.Response.
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+        if complete:
+            return out
         if resp.content_length is not None:
             out.content_length = resp.content_length
         await out.prepare(request)
