@@ -8,26 +8,40 @@ for what started.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from revive.api.auth import AdminAuth
 from revive.api.problems import not_found, with_problems
+from revive.api.routes import add_routes
+from revive.api.service import RecoveryApi
 from revive.classify import Policy, load_policies
 from revive.config import Settings
 from revive.errors import ConfigError
 from revive.proxy.pipeline import Proxy, Route
+from revive.recovery.service import Binding, RecoveryService
 from revive.sources import CredentialSource, build_source
+from revive.store import Store, open_store
+from revive.tokens import Keyring
 
 SETTINGS = web.AppKey("settings", Settings)
 POLICIES = web.AppKey("policies", dict[str, Policy])
 PROXY = web.AppKey("proxy", Proxy)
 SOURCES = web.AppKey("sources", dict[str, CredentialSource])
+STORE = web.AppKey("store", Store)
+KEYRING = web.AppKey("keyring", Keyring)
+SERVICE = web.AppKey("service", RecoveryService)
+API = web.AppKey[RecoveryApi]("api")
+ADMIN = web.AppKey("admin", AdminAuth)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 
 PROXY_ROUTE = "/proxy/{connection_id}/{tail:.*}"
+
+log = logging.getLogger("revive.app")
 
 
 def resolve_policies(settings: Settings) -> dict[str, Policy]:
@@ -63,8 +77,19 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-async def _sources(app: web.Application) -> AsyncIterator[None]:
-    settings, policies = app[SETTINGS], app[POLICIES]
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    async with open_store(app[SETTINGS].store_url) as store:
+        app[STORE] = store
+        yield
+
+
+async def _keyring(app: web.Application) -> AsyncIterator[None]:
+    app[KEYRING] = await Keyring.load_or_create(app[SETTINGS].data_dir / "keys")
+    yield
+
+
+async def _recovery(app: web.Application) -> AsyncIterator[None]:
+    settings, policies, store = app[SETTINGS], app[POLICIES], app[STORE]
     sources: dict[str, CredentialSource] = {}
     # The token endpoint gets its own session: its connections should not queue behind
     # thousands of proxied requests, and it must decompress (it is read, not relayed).
@@ -72,7 +97,18 @@ async def _sources(app: web.Application) -> AsyncIterator[None]:
     try:
         for conn in settings.connections:
             sources[conn.id] = build_source(conn, settings, policies[conn.provider], token_http)
+            await store.ensure_connection(conn.id)
+        swept = await store.sweep_in_flight(settings.sidecar_id)
+        if swept:
+            log.warning("%d in-flight actions from before a restart are now unknown", swept)
+        bindings = {
+            c.id: Binding(c, policies[c.provider], sources[c.id]) for c in settings.connections
+        }
+        service = RecoveryService(store, app[KEYRING], bindings, token_http)
         app[SOURCES] = sources
+        app[SERVICE] = service
+        app[API] = service
+        app[ADMIN] = await AdminAuth.load_or_create(settings.admin_token_path)
         app[PROXY] = Proxy(
             routes={
                 c.id: Route.build(c, policies[c.provider], sources[c.id])
@@ -80,8 +116,11 @@ async def _sources(app: web.Application) -> AsyncIterator[None]:
             },
             session=app[UPSTREAM],
             limits=settings.limits,
+            service=service,
+            owner=settings.sidecar_id,
             # A loopback listener cannot be reached from elsewhere: skip the per-request check.
-            loopback_only=not settings.workers_from_any_address and not _is_loopback_host(settings.host),
+            loopback_only=not settings.workers_from_any_address
+            and not _is_loopback_host(settings.host),
         )
         yield
     finally:
@@ -116,10 +155,10 @@ def create_app(settings: Settings, policies: dict[str, Policy] | None = None) ->
     app = web.Application(client_max_size=settings.limits.max_request_bytes)
     app[SETTINGS] = settings
     app[POLICIES] = policies if policies is not None else resolve_policies(settings)
-    app.cleanup_ctx.append(_upstream_session)
-    app.cleanup_ctx.append(_sources)
+    app.cleanup_ctx.extend([_upstream_session, _store, _keyring, _recovery])
     app.router.add_route("*", PROXY_ROUTE, _proxy_handler)
     app.router.add_get("/healthz", _healthz)
+    add_routes(app, API, ADMIN, loopback_only=not settings.workers_from_any_address)
     app.router.add_route("*", "/{tail:.*}", not_found)  # last: everything unmatched
     return app
 

@@ -7,6 +7,7 @@ operator never finds out about a typo from a 3 a.m. page.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -108,6 +109,8 @@ class LimitsConfig(_Model):
     max_request_bytes: int = Field(default=10 * 1024 * 1024, ge=0)
     replay_buffer_bytes: int = Field(default=1024 * 1024, ge=0)
     """Bodies up to this size are buffered so they can be replayed after a refresh or retry."""
+    replay_store_bytes: int = Field(default=256 * 1024, ge=0)
+    """How much of a mutating request's answer the ledger keeps for replay."""
     classify_read_bytes: int = Field(default=64 * 1024, ge=1024)
     """How much of an error answer is read (and decompressed) to classify it."""
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
@@ -130,6 +133,8 @@ class Settings(BaseSettings):
     connections: list[ConnectionConfig] = Field(default_factory=list)
     limits: LimitsConfig = LimitsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    sidecar_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
+    """Owner of this sidecar's ledger claims; stable across restarts so it sweeps its own."""
     workers_from_any_address: bool = False
     """Worker routes answer only on loopback unless this is set."""
 

@@ -46,7 +46,16 @@ async def test_lab_starts_provider_and_sidecar_and_stops_on_ctrl_c() -> None:
         sidecar = URL.search(await _line_matching(proc, "revive sidecar on"))
         assert provider and sidecar
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"{sidecar.group(1)}/proxy/conn_microsoft_ops/v1.0/me") as resp:
+            async with http.post(
+                f"{sidecar.group(1)}/v1/runs/run_7f2/capabilities",
+                json={"connection_id": "conn_microsoft_ops", "checkpoint_id": "c1", "epoch": 1},
+            ) as resp:
+                assert resp.status == 200
+                capability = (await resp.json())["capability"]
+            async with http.get(
+                f"{sidecar.group(1)}/proxy/conn_microsoft_ops/v1.0/me",
+                headers={"Authorization": f"Bearer {capability}"},
+            ) as resp:
                 assert resp.status == 200
                 assert "lab_at_" not in await resp.text()
             async with http.get(f"{provider.group(1)}/_lab/calls") as resp:

@@ -27,6 +27,8 @@ from revive.testing.sidecar import RunningSidecar, running_sidecar
 CANARY = "canary-static-token-7f2e91"
 TOKEN_MARKERS = ("lab_at_", "lab_rt_", CANARY)
 PROBLEM = "application/problem+json"
+SEND = {"Revive-Action": "send-briefing"}
+UPLOAD = {"Revive-Action": "upload"}
 
 
 @pytest.fixture
@@ -82,7 +84,15 @@ SidecarFactory = Callable[..., AbstractAsyncContextManager[RunningSidecar]]
 
 
 @pytest.fixture
-def sidecar_factory(tmp_path: Path, provider: RunningProvider) -> SidecarFactory:
+def capabilities() -> dict[str, str]:
+    """connection id -> run capability, filled by the sidecar factory, used by ``http``."""
+    return {}
+
+
+@pytest.fixture
+def sidecar_factory(
+    tmp_path: Path, provider: RunningProvider, capabilities: dict[str, str]
+) -> SidecarFactory:
     """Build a sidecar for the provider's Microsoft account, plus an optional echo connection."""
 
     @asynccontextmanager
@@ -109,14 +119,30 @@ def sidecar_factory(tmp_path: Path, provider: RunningProvider) -> SidecarFactory
             )
             settings = settings.model_copy(update={"connections": [*settings.connections, extra]})
         async with running_sidecar(settings) as sidecar:
+            for conn in settings.connections:
+                capabilities[conn.id] = await sidecar.capability(conn.id)
             yield sidecar
 
     return make
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+async def http(capabilities: dict[str, str]) -> AsyncIterator[aiohttp.ClientSession]:
+    """A worker's session: proxied requests carry the run capability for their connection."""
+
+    async def present_capability(
+        req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        parts = req.url.path.split("/")
+        if len(parts) > 2 and parts[1] == "proxy" and "Authorization" not in req.headers:
+            cap = capabilities.get(parts[2])
+            if cap:
+                req.headers["Authorization"] = f"Bearer {cap}"
+        return await handler(req)
+
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=30), middlewares=(present_capability,)
+    ) as session:
         yield session
 
 
@@ -134,12 +160,14 @@ def assert_no_token(text: str) -> None:
 
 
 async def test_injected_token_reaches_provider_and_worker_credential_does_not(
-    sidecar_factory: SidecarFactory, provider: RunningProvider, echo: Echo, http: aiohttp.ClientSession
+    sidecar_factory: SidecarFactory,
+    provider: RunningProvider,
+    echo: Echo,
+    http: aiohttp.ClientSession,
+    capabilities: dict[str, str],
 ) -> None:
     async with sidecar_factory(echo) as sidecar:
-        async with http.get(
-            graph(sidecar, "v1.0/me"), headers={"Authorization": "Bearer worker-capability"}
-        ) as resp:
+        async with http.get(graph(sidecar, "v1.0/me")) as resp:
             assert resp.status == 200
             assert (await resp.json())["displayName"]
             assert_no_token(await _text(resp))
@@ -151,7 +179,6 @@ async def test_injected_token_reaches_provider_and_worker_credential_does_not(
             sidecar.proxy("conn_echo", "items?a=1"),
             data=b'{"x": 1}',
             headers={
-                "Authorization": "Bearer worker-capability",
                 "Revive-Action": "create-item",
                 "Content-Type": "application/json",
                 "traceparent": trace,
@@ -167,7 +194,8 @@ async def test_injected_token_reaches_provider_and_worker_credential_does_not(
     assert seen["body"] == b'{"x": 1}'
     for gone in ("Revive-Action", "X-Forwarded-For"):
         assert gone not in seen["headers"]
-    assert "worker-capability" not in json.dumps(seen["headers"])
+    for capability in capabilities.values():  # the worker's credential stops at the sidecar
+        assert capability not in json.dumps(seen["headers"])
 
 
 async def test_expired_token_refreshes_once_for_a_hundred_concurrent_requests(
@@ -237,7 +265,9 @@ async def test_mutating_request_is_not_retried_on_429(
 ) -> None:
     async with sidecar_factory() as sidecar:
         await provider.fault("rate_limit", count=1, retry_after=1)
-        async with http.post(graph(sidecar, "v1.0/me/sendMail"), json=_mail("k-429")) as resp:
+        async with http.post(
+            graph(sidecar, "v1.0/me/sendMail"), json=_mail("k-429"), headers=SEND
+        ) as resp:
             assert resp.status == 429
             assert resp.headers["Retry-After"] == "1"
     assert len([c for c in await provider.calls() if c["path"] == "/v1.0/me/sendMail"]) == 1
@@ -247,17 +277,36 @@ async def test_mutating_request_is_not_retried_on_429(
 async def test_mutating_request_with_provider_idempotency_is_retried(
     sidecar_factory: SidecarFactory, echo: Echo, http: aiohttp.ClientSession
 ) -> None:
-    # Xero honours Idempotency-Key, so a POST that met a 503 may safely go again.
+    # Xero honours Idempotency-Key, so a POST that met a 503 may safely go again; the
+    # sidecar sends the worker's key, or derives a stable one from run and action.
     echo.flaky = 1
     async with sidecar_factory(echo, echo_provider="xero") as sidecar:
         async with http.post(
-            sidecar.proxy("conn_echo", "flaky"), json={"x": 1}, headers={"Idempotency-Key": "inv-1"}
+            sidecar.proxy("conn_echo", "flaky"),
+            json={"x": 1},
+            headers={"Idempotency-Key": "inv-1", "Revive-Action": "create-invoice"},
         ) as resp:
             assert resp.status == 200
         echo.flaky = 1
-        async with http.post(sidecar.proxy("conn_echo", "flaky"), json={"x": 1}) as resp:
-            assert resp.status == 503  # no key: the provider cannot deduplicate, not repeated
-    assert [s["headers"].get("Idempotency-Key") for s in echo.seen] == ["inv-1", "inv-1", None]
+        async with http.post(
+            sidecar.proxy("conn_echo", "flaky"), json={"x": 2}, headers={"Revive-Action": "pay"}
+        ) as resp:
+            assert resp.status == 200
+    keys = [s["headers"].get("Idempotency-Key") for s in echo.seen]
+    assert keys[:2] == ["inv-1", "inv-1"]
+    assert keys[2] == keys[3] and keys[2].startswith("ik_")
+
+
+async def test_oauth2_defaults_never_repeat_a_mutating_request(
+    sidecar_factory: SidecarFactory, echo: Echo, http: aiohttp.ClientSession
+) -> None:
+    echo.flaky = 1
+    async with sidecar_factory(echo) as sidecar:
+        async with http.post(
+            sidecar.proxy("conn_echo", "flaky"), json={"x": 1}, headers={"Revive-Action": "a1"}
+        ) as resp:
+            assert resp.status == 503  # the provider cannot deduplicate: relayed, not repeated
+    assert len(echo.seen) == 1
 
 
 async def test_commit_then_drop_sends_exactly_one_mail_and_says_outcome_unknown(
@@ -265,7 +314,9 @@ async def test_commit_then_drop_sends_exactly_one_mail_and_says_outcome_unknown(
 ) -> None:
     async with sidecar_factory() as sidecar:
         await provider.fault("commit_then_drop")
-        async with http.post(graph(sidecar, "v1.0/me/sendMail"), json=_mail("k-drop")) as resp:
+        async with http.post(
+            graph(sidecar, "v1.0/me/sendMail"), json=_mail("k-drop"), headers=SEND
+        ) as resp:
             assert resp.status == 502
             assert resp.content_type == PROBLEM
             problem = await resp.json()
@@ -283,7 +334,9 @@ async def test_dead_grant_on_refresh_answers_424_with_provider_code(
         async with http.get(graph(sidecar, "v1.0/me")) as resp:
             assert resp.status == 200
         await provider.fault("kill_grant")
-        async with http.post(graph(sidecar, "v1.0/me/sendMail"), json=_mail("k-dead")) as resp:
+        async with http.post(
+            graph(sidecar, "v1.0/me/sendMail"), json=_mail("k-dead"), headers=SEND
+        ) as resp:
             assert resp.status == 424
             assert resp.content_type == PROBLEM
             problem = await resp.json()
@@ -358,7 +411,7 @@ async def test_oversized_bodies_get_413(
 ) -> None:
     limits = LimitsConfig(max_request_bytes=4096, replay_buffer_bytes=1024)
     async with sidecar_factory(echo, limits=limits) as sidecar:
-        async with http.post(sidecar.proxy("conn_echo", "upload"), data=b"x" * 8192) as resp:
+        async with http.post(sidecar.proxy("conn_echo", "upload"), data=b"x" * 8192, headers=UPLOAD) as resp:
             assert resp.status == 413
             assert (await resp.json())["type"] == "urn:revive:payload-too-large"
 
@@ -366,10 +419,10 @@ async def test_oversized_bodies_get_413(
             for _ in range(8):
                 yield b"y" * 1024
 
-        async with http.post(sidecar.proxy("conn_echo", "upload"), data=chunks()) as resp:
+        async with http.post(sidecar.proxy("conn_echo", "upload"), data=chunks(), headers=UPLOAD) as resp:
             assert resp.status == 413
         # Within the limit but above the replay buffer: streamed through untouched.
-        async with http.post(sidecar.proxy("conn_echo", "upload"), data=b"s" * 3000) as resp:
+        async with http.post(sidecar.proxy("conn_echo", "upload"), data=b"s" * 3000, headers=UPLOAD) as resp:
             assert resp.status == 200
             assert (await resp.json())["len"] == 3000
     assert [len(s["body"]) for s in echo.seen] == [3000]

@@ -269,4 +269,5 @@ def _reconcile(model: ReconcileModel) -> ReconcileRule:
             interval_s=lk.interval_s,
             found_tokens=compile_pointer(lk.found_when_nonempty),
         ),
+        committed_status=model.committed_status,
     )

@@ -150,6 +150,9 @@ class ReconcileRule:
     path: re.Pattern[str]
     stamp: Stamp
     lookup: Lookup
+    committed_status: int = 200
+    """What a replay answers for an action found committed by reconcile, whose own answer
+    was never seen (Graph sendMail: 202 Accepted)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,6 +194,7 @@ class ReconcileModel(_Strict):
     path: Regex
     stamp: JsonBodyStampModel | HeaderStampModel = Field(discriminator="kind")
     lookup: LookupModel
+    committed_status: int = Field(default=200, ge=200, le=299)
 
 
 class PolicyModel(_Strict):

@@ -28,6 +28,7 @@ FAULTS = frozenset(
         "rate_limit",
         "latency",
         "commit_then_drop",
+        "commit_then_stall",
     }
 )
 _KEYS = frozenset({"fault", "count", "retry_after", "ms"})
@@ -71,6 +72,11 @@ def _apply(state: ProviderState, fault: str, body: dict[str, Any]) -> dict[str, 
             faults.latency_left = count
         case "commit_then_drop":
             faults.commit_then_drop = count or 1
+        case "commit_then_stall":
+            if ms is None:
+                raise ValueError("'commit_then_stall' needs 'ms'")
+            faults.commit_then_stall = count or 1
+            faults.stall_ms = ms
     return {}
 
 

@@ -242,6 +242,10 @@ async def send_mail(request: web.Request) -> web.Response:
         _drop(request)
         # Nothing reaches the client: the transport is gone.
         return web.Response(status=202)
+    if state.faults.commit_then_stall:
+        # The mail is out; the answer is held back (a sidecar killed now never records it).
+        state.faults.commit_then_stall -= 1
+        await asyncio.sleep(state.faults.stall_ms / 1000)
     request_id = str(uuid.uuid4())
     return web.Response(
         status=202,

@@ -169,6 +169,8 @@ class Faults:
     latency_ms: int = 0
     latency_left: int | None = 0
     commit_then_drop: int = 0
+    commit_then_stall: int = 0
+    stall_ms: int = 0
 
     def active(self) -> list[dict[str, object]]:
         """The ``GET /_lab/faults`` listing."""
@@ -193,6 +195,10 @@ class Faults:
             out.append({"fault": "latency", "ms": self.latency_ms, "count": self.latency_left})
         if self.commit_then_drop:
             out.append({"fault": "commit_then_drop", "count": self.commit_then_drop})
+        if self.commit_then_stall:
+            out.append(
+                {"fault": "commit_then_stall", "count": self.commit_then_stall, "ms": self.stall_ms}
+            )
         return out
 
 

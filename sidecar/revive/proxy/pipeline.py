@@ -1,15 +1,17 @@
 """The data plane: ``/proxy/{connection}/{tail}`` as an explicit chain of small stages.
 
-    target  -> body -> lease -> headers -> forward -> inspect/classify -> act -> relay
-    (target.py) (body.py) (source) (headers.py) (forward.py) (inspect.py, policy)   (here)
+    target -> capability -> fence | ledger claim -> body -> lease -> headers -> forward
+           -> inspect/classify -> act -> relay (+ ledger finish)
 
-What happens after classification is the product (DESIGN §3, §6):
+What happens after classification is the product (DESIGN §3, §6, §7):
 - ``refreshable``: refresh once (with CAE claims when the provider asked), retry once; a
   refresh that still gets the same rejection is ``permanent`` and the answer is relayed.
 - ``transient``: bounded backoff honouring ``Retry-After``, but only for requests that are
   safe to repeat; a mutating request whose outcome is unknown is never sent twice.
-- ``dead_grant``: 424 ``recovery-required`` with the provider's code. Nothing retries a dead
-  grant: only a human reconnect helps.
+- ``dead_grant``: a recovery case joins the run, checkpoint, action and generation, and the
+  worker gets 424 ``recovery-required`` naming it. Nothing retries a dead grant.
+Every mutating request is claimed in the ledger first (fenced in the same transaction),
+and its claim is always finished, so a replay can answer "already done".
 """
 
 from __future__ import annotations
@@ -18,19 +20,24 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from revive.classify import FailureClass, Phase, Policy, Verdict
 from revive.config import ConnectionConfig, LimitsConfig
 from revive.errors import (
     BadRequest,
+    CapabilityInvalid,
     CredentialError,
+    DeadGrant,
     OutcomeUnknown,
+    ReconcileRequired,
     RecoveryRequired,
     UnknownConnection,
     UpstreamTimeout,
@@ -40,13 +47,21 @@ from revive.errors import (
 from revive.proxy.backoff import backoff_delay
 from revive.proxy.body import EMPTY_BODY, RequestBody, read_body
 from revive.proxy.forward import NoAnswer, NotSent, send
-from revive.proxy.headers import downstream_headers, upstream_headers
+from revive.proxy.headers import upstream_headers
 from revive.proxy.inspect import inflate_for_classifier, read_prefix
+from revive.proxy.ledger import LedgerEntry, derive_idempotency_key, fingerprint, replay
+from revive.proxy.relay import read_for_ledger, relay
 from revive.proxy.target import check_redirect, split_raw_path, upstream_url
+from revive.recovery.reconcile import stamp_request
+from revive.recovery.service import RecoveryService
+from revive.redact import redact
 from revive.sources import CredentialSource, Lease
+from revive.store import CaseDraft, ClaimRequest, FinishState
+from revive.tokens import CapabilityClaims
 
 log = logging.getLogger("revive.proxy")
 
+_EVIDENCE_BYTES = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +80,23 @@ class Route:
 
 
 @dataclass(slots=True)
-class _Attempt:
-    """Mutable bookkeeping of one proxied request across its attempts."""
+class _Call:
+    """One proxied request across its attempts: who asks, what for, and how far it got."""
 
-    lease: Lease
+    request: web.Request
+    route: Route
+    claims: CapabilityClaims
+    method: str
+    url: URL
+    action_key: str
+    checkpoint_id: str
+    body: RequestBody
+    safe: bool
+    mutating: bool
+    lease: Lease | None = None
+    entry: LedgerEntry | None = None
+    stamped: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    """Headers a reconcile stamp adds to the upstream request."""
     refreshed: bool = False
     transient_tries: int = 0
 
@@ -88,6 +116,8 @@ class Proxy:
     routes: dict[str, Route]
     session: aiohttp.ClientSession
     limits: LimitsConfig
+    service: RecoveryService
+    owner: str
     loopback_only: bool = True
     sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep)
 
@@ -98,137 +128,266 @@ class Proxy:
             raise UnknownConnection(f"no connection named {connection_id!r} is configured")
         if self.loopback_only and not _is_loopback(request.remote or ""):
             raise BadRequest("worker routes answer only on loopback")
+        claims = self._authenticate(request, connection_id)
         url = upstream_url(route.base, tail, query)
         policy = route.policy
         method = request.method
         mutating = policy.is_mutating(method, url.path)
-        idempotency_key = request.headers.get("Idempotency-Key")
-        provider_dedupes = bool(policy.idempotency_header and idempotency_key)
-        # A mutating request may only be repeated when the provider itself deduplicates it.
-        safe = not mutating or provider_dedupes
+        headers_in = request.headers
+        action_key = headers_in.get("Revive-Action") or ""
+        if mutating and not action_key:
+            raise BadRequest("a mutating request needs a Revive-Action header naming the action")
+        idempotency_key = headers_in.get("Idempotency-Key")
+        if mutating and not idempotency_key:
+            idempotency_key = derive_idempotency_key(claims.run_id, action_key)
         body = await read_body(request, self.limits) if request.body_exists else EMPTY_BODY
+        call = _Call(
+            request, route, claims, method, url,
+            action_key or f"{method} {url.path}",
+            headers_in.get("Revive-Checkpoint") or claims.checkpoint_id,
+            body,
+            # A mutating request may only be repeated when the provider itself deduplicates it.
+            safe=not mutating or policy.idempotency_header is not None,
+            mutating=mutating,
+        )
+        if not mutating:
+            await self.service.fences.check(
+                claims.run_id, claims.epoch, connection_id, claims.generation
+            )
+            return await self._forward(call, idempotency_key)
+        key = idempotency_key or derive_idempotency_key(claims.run_id, action_key)
+        replayed = await self._claim(call, key)
+        if replayed is not None:
+            return replayed
         try:
-            state = _Attempt(await route.source.lease())
-        except CredentialError as exc:
-            raise problem_for_credential_error(exc, connection_id=route.connection.id) from None
-        headers = upstream_headers(request.headers, state.lease.access_token)
-        if provider_dedupes and policy.idempotency_header and idempotency_key:
-            headers[policy.idempotency_header] = idempotency_key
-        while True:
-            headers["Authorization"] = f"Bearer {state.lease.access_token}"  # may be refreshed
+            return await self._forward(call, key)
+        finally:
+            if call.entry is not None:
+                await call.entry.settle_unfinished()
+
+    def _authenticate(self, request: web.Request, connection_id: str) -> CapabilityClaims:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise CapabilityInvalid("send a run capability as Authorization: Bearer")
+        claims = self.service.verifier.verify(token.strip(), typ="run")
+        if claims.connection_id != connection_id:
+            raise CapabilityInvalid("the capability is for another connection")
+        return claims
+
+    async def _claim(self, call: _Call, key: str) -> web.StreamResponse | None:
+        """Claim ``key`` (fenced in the same transaction); answer a replay when done before."""
+        claims, path_qs = call.claims, call.request.path_qs
+        data = call.body.data if call.body.replayable else None
+        claim = ClaimRequest(
+            key, claims.run_id, call.action_key, call.checkpoint_id, call.route.connection.id,
+            fingerprint(call.method, path_qs, data, call.request.content_length),
+            self.owner, claims.epoch, claims.generation,
+        )
+        for _ in range(2):
             try:
-                resp = await send(self.session, method, url, headers, body.payload())
+                outcome = await self.service.store.claim(claim)
+            except ReconcileRequired:
+                if not await self._reconcile_unknown(call, key):
+                    raise
+                continue
+            if outcome.kind == "replay":
+                return replay(outcome.action, call.route.policy, call.method, call.url.path)
+            call.entry = LedgerEntry(self.service.store, claim, outcome.action)
+            rule = call.route.policy.reconcile_for(call.method, call.url.path)
+            if rule is not None and call.body.replayable:
+                call.body = RequestBody(stamp_request(rule, call.body.data, call.stamped, key))
+            return None
+        raise ReconcileRequired("the action's outcome is still unknown", idempotency_key=key)
+
+    async def _reconcile_unknown(self, call: _Call, key: str) -> bool:
+        """An ``unknown`` action met again: ask the provider before anything re-executes it.
+
+        Returns True when the provider settled it (the claim is tried again), False when it
+        could not tell. A dead grant met while asking opens the case with outcome unknown.
+        """
+        action = await self.service.store.get_action(key)
+        if action is None or action.state != "unknown":
+            return True
+        binding = self.service.binding(call.route.connection.id)
+        try:
+            settled = await self.service.reconcile_action(
+                binding, action, (call.method, call.url.path)
+            )
+        except DeadGrant as exc:
+            await self._dead_grant(call, exc.provider_code, exc.provider_message, None, key)
+        return settled is not None
+
+    async def _forward(self, call: _Call, idempotency_key: str | None) -> web.StreamResponse:
+        route, policy = call.route, call.route.policy
+        try:
+            lease = call.lease = await route.source.lease()
+        except CredentialError as exc:
+            await self._credential_failed(call, exc)
+        headers = upstream_headers(call.request.headers, lease.access_token)
+        if policy.idempotency_header and idempotency_key:
+            headers[policy.idempotency_header] = idempotency_key
+        headers.update(call.stamped)
+        body = call.body
+        while True:
+            headers["Authorization"] = f"Bearer {call.lease.access_token}"  # may be refreshed
+            if call.entry is not None:
+                call.entry.sent = True
+            try:
+                resp = await send(self.session, call.method, call.url, headers, body.payload())
             except NotSent:
-                if body.replayable and await self._backoff(route, state, None):
+                if call.entry is not None:
+                    call.entry.sent = False
+                if body.replayable and await self._backoff(call, None):
                     continue
                 raise UpstreamUnavailable(
-                    "the upstream could not be reached", attempts=state.transient_tries + 1
+                    "the upstream could not be reached", attempts=call.transient_tries + 1
                 ) from None
             except NoAnswer as exc:
-                if safe and body.replayable and await self._backoff(route, state, None):
+                if call.safe and body.replayable and await self._backoff(call, None):
                     continue
-                if mutating:
+                if call.mutating:
                     raise OutcomeUnknown(
-                        f"{exc}; the request may have taken effect and was not repeated"
+                        f"{exc}; the request may have taken effect and was not repeated",
+                        idempotency_key=call.entry.key if call.entry else None,
                     ) from None
                 raise (UpstreamTimeout if exc.timed_out else UpstreamUnavailable)(str(exc)) from None
-            again = await self._act(request, route, state, resp, body, safe, mutating)
-            if isinstance(again, web.StreamResponse):
-                return again
+            answer = await self._act(call, resp)
+            if answer is not None:
+                return answer
 
-    async def _act(
-        self,
-        request: web.Request,
-        route: Route,
-        state: _Attempt,
-        resp: aiohttp.ClientResponse,
-        body: RequestBody,
-        safe: bool,
-        mutating: bool,
-    ) -> web.StreamResponse | None:
+    async def _act(self, call: _Call, resp: aiohttp.ClientResponse) -> web.StreamResponse | None:
         """Classify one answer and either relay it (returned) or prepare a retry (None)."""
-        policy = route.policy
-        status = resp.status
+        route, policy, status = call.route, call.route.policy, resp.status
         if 300 <= status < 400 and "Location" in resp.headers:
             try:
                 check_redirect(resp.headers["Location"], resp.url, route.allowed_hosts)
             finally:
                 resp.close()  # the redirect body is never relayed when we refuse it
-            return await self._relay(request, route, resp, b"", True)
+            return await self._relay(call, resp, b"", True)
         if status < 300 and not policy.inspect_success_bodies:
-            return await self._relay(request, route, resp, b"", False)
+            return await self._relay(call, resp, b"", False)
         limit = self.limits.classify_read_bytes
         try:
             prefix, complete = await read_prefix(resp, limit)
         except (aiohttp.ClientError, asyncio.TimeoutError):
             resp.close()
-            if mutating:
+            if call.mutating:
                 raise OutcomeUnknown("the upstream broke off its answer") from None
             raise UpstreamUnavailable("the upstream broke off its answer") from None
         inflated = inflate_for_classifier(prefix, resp.headers.get("Content-Encoding"), limit)
         verdict = policy.classify(Phase.API_CALL, status, resp.headers, inflated)
         klass = verdict.failure_class
-        if klass is FailureClass.REFRESHABLE and not state.refreshed and body.replayable:
-            return await self._refresh(request, route, state, verdict, resp, prefix, complete)
+        if klass is FailureClass.REFRESHABLE and not call.refreshed and call.body.replayable:
+            return await self._refresh(call, verdict, resp, prefix, complete)
         if klass is FailureClass.TRANSIENT:
-            if safe and body.replayable and await self._backoff(route, state, verdict.retry_after):
+            if call.safe and call.body.replayable and await self._backoff(call, verdict.retry_after):
                 resp.close()
                 return None
-            if safe:
+            if call.safe:
                 resp.close()
                 raise UpstreamUnavailable(
                     f"the upstream kept failing (last status {status})",
                     upstream_status=status,
                     provider_code=verdict.provider_code,
                     retry_after=verdict.retry_after,
-                    attempts=state.transient_tries + 1,
+                    attempts=call.transient_tries + 1,
                 )
         if klass is FailureClass.DEAD_GRANT:
             resp.close()
-            raise RecoveryRequired(
-                verdict.message or "the provider rejected the grant",
-                provider_code=verdict.provider_code,
-                connection_id=route.connection.id,
-                generation=state.lease.generation,
+            await self._dead_grant(
+                call, verdict.provider_code, verdict.message, (status, inflated), None
             )
-        return await self._relay(request, route, resp, prefix, complete)
+        return await self._relay(call, resp, prefix, complete, verdict)
 
     async def _refresh(
         self,
-        request: web.Request,
-        route: Route,
-        state: _Attempt,
+        call: _Call,
         verdict: Verdict,
         resp: aiohttp.ClientResponse,
         prefix: bytes,
         complete: bool,
     ) -> web.StreamResponse | None:
-        stale = state.lease
+        assert call.lease is not None
+        stale = call.lease
         try:
-            fresh = await route.source.refresh(stale, claims=verdict.claims)
+            fresh = await call.route.source.refresh(stale, claims=verdict.claims)
         except CredentialError as exc:
             resp.close()
-            raise problem_for_credential_error(exc, connection_id=route.connection.id) from None
-        state.refreshed = True
+            await self._credential_failed(call, exc)
+        call.refreshed = True
         if fresh.access_token == stale.access_token and verdict.claims is None:
             # Nothing new to try: the rejection stands, relay it as the provider sent it.
-            return await self._relay(request, route, resp, prefix, complete)
+            return await self._relay(call, resp, prefix, complete, verdict)
         resp.close()
-        state.lease = fresh
+        call.lease = fresh
         return None
 
-    async def _backoff(self, route: Route, state: _Attempt, retry_after: float | None) -> bool:
+    async def _credential_failed(self, call: _Call, exc: CredentialError) -> NoReturn:
+        if isinstance(exc, DeadGrant):
+            await self._dead_grant(call, exc.provider_code, exc.provider_message, None, None)
+        raise problem_for_credential_error(exc, connection_id=call.route.connection.id) from None
+
+    async def _dead_grant(
+        self,
+        call: _Call,
+        provider_code: str | None,
+        message: str | None,
+        answer: tuple[int, bytes] | None,
+        unknown_key: str | None,
+    ) -> NoReturn:
+        """Open (or join) the recovery case for this run and answer 424 naming it."""
+        claims, connection_id = call.claims, call.route.connection.id
+        secrets = (call.lease.access_token,) if call.lease is not None else ()
+        evidence: dict[str, object] = {
+            "request": {"method": call.method, "path": call.url.path},
+            "provider_code": provider_code,
+        }
+        if answer is not None:
+            text = answer[1][:_EVIDENCE_BYTES].decode("utf-8", errors="replace")
+            evidence["provider_answer"] = {"status": answer[0], "body": redact(text, secrets)}
+        key = call.entry.key if call.entry is not None else unknown_key
+        case = await self.service.open_case(
+            CaseDraft(
+                run_id=claims.run_id,
+                connection_id=connection_id,
+                generation=claims.generation,
+                epoch=claims.epoch,
+                checkpoint_id=call.checkpoint_id,
+                action_key=call.action_key,
+                failure_class="dead_grant",
+                actor="proxy",
+                idempotency_key=key,
+                provider_code=provider_code,
+                provider_message=redact(message, secrets) if message else None,
+                evidence=evidence,
+            )
+        )
+        if call.entry is not None and not call.entry.done:
+            await call.entry.finish("not_committed", case_id=case.case_id)
+        raise RecoveryRequired(
+            message or "the provider rejected the grant",
+            case_id=case.case_id,
+            run_id=claims.run_id,
+            checkpoint_id=case.checkpoint_id,
+            action_key=case.action_key,
+            idempotency_key=key,
+            provider_code=provider_code,
+            connection_id=connection_id,
+            generation=claims.generation,
+        )
+
+    async def _backoff(self, call: _Call, retry_after: float | None) -> bool:
         """Sleep before another attempt if the budget allows; False when it is spent."""
-        retry = route.policy.retry
-        state.transient_tries += 1
-        if state.transient_tries >= retry.attempts:
+        retry = call.route.policy.retry
+        call.transient_tries += 1
+        if call.transient_tries >= retry.attempts:
             return False
         if retry_after is not None and (
             not retry.honour_retry_after or retry_after > retry.max_retry_after_s
         ):
             return False  # a long window: park the job rather than hold the worker
         delay = backoff_delay(
-            state.transient_tries,
+            call.transient_tries,
             base=retry.base_backoff_s,
             cap=retry.max_backoff_s,
             retry_after=retry_after if retry.honour_retry_after else None,
@@ -238,53 +397,37 @@ class Proxy:
 
     async def _relay(
         self,
-        request: web.Request,
-        route: Route,
+        call: _Call,
         resp: aiohttp.ClientResponse,
         prefix: bytes,
         complete: bool,
+        verdict: Verdict | None = None,
     ) -> web.StreamResponse:
-        """Send the upstream answer to the worker, streaming what was not read yet."""
-        out: web.StreamResponse
-        if complete:  # already read for classification: one write
-            resp.release()
-            out = web.Response(status=resp.status, reason=resp.reason, body=prefix)
-        else:  # streaming even small answers: measured faster than read() + web.Response
-            out = web.StreamResponse(status=resp.status, reason=resp.reason)
-        headers = out.headers
-        headers.extend(downstream_headers(resp.headers))  # one copy, not two
-        location = headers.get("Location")
-        if location is not None:
-            headers["Location"] = self._rewrite_location(route, resp.url, location)
-        if complete:
-            return out
-        if resp.content_length is not None:
-            out.content_length = resp.content_length
-        await out.prepare(request)
-        try:
-            if prefix:
-                await out.write(prefix)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            # Headers are already sent: the only honest signal left is a broken connection.
-            resp.close()
-            if request.transport is not None:
-                request.transport.close()
-            return out
-        resp.release()
-        await out.write_eof()
-        return out
+        """Relay the answer; for a claimed action, record it in the ledger first."""
+        location = (call.route.base, call.route.connection.id)
+        entry = call.entry
+        if entry is None:
+            return await relay(call.request, resp, prefix, complete, location)
+        if not complete:
+            rest, complete = await read_for_ledger(resp, self.limits.replay_store_bytes)
+            prefix += rest
+        status = resp.status
+        state = _ledger_state(status, verdict)
+        body = prefix if complete else None
+        action = await entry.finish(state, status=status, headers=resp.headers, body=body)
+        if state == "committed" and action.case_id is not None:
+            await self.service.action_committed(action.case_id, entry.key)
+        return await relay(call.request, resp, prefix, complete, location)
 
-    @staticmethod
-    def _rewrite_location(route: Route, current: URL, location: str) -> str:
-        """Point a same-connection redirect back through the sidecar; leave others absolute."""
-        target = current.join(URL(location))
-        base = route.base
-        base_path = base.raw_path.rstrip("/") + "/"
-        if target.host == base.host and target.port == base.port and target.raw_path.startswith(base_path):
-            tail = target.raw_path[len(base_path) :]
-            query = f"?{target.raw_query_string}" if target.raw_query_string else ""
-            return f"/proxy/{route.connection.id}/{tail}{query}"
-        return str(target)
 
+def _ledger_state(status: int, verdict: Verdict | None) -> FinishState:
+    if status < 400:
+        return "committed"
+    if verdict is not None and verdict.failure_class is FailureClass.TRANSIENT:
+        # 429 means the provider refused it; a 5xx may have done the work anyway.
+        return "not_committed" if status == 429 else "unknown"
+    if status in (401, 403) and verdict is not None and verdict.failure_class in (
+        FailureClass.REFRESHABLE, FailureClass.DEAD_GRANT,
+    ):
+        return "not_committed"
+    return "failed"

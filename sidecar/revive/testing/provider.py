@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from revive.lab.provider import PROVIDER_STATE, ProviderConfig, ProviderState, start_provider
 
@@ -86,6 +87,18 @@ class RunningProvider:
         body = {"scope": scope} if scope else {}
         result: dict[str, Any] = await self._json("POST", "/_lab/grants", json=body)
         return result
+
+    async def consent(self, authorize_url: str, decision: str = "accept") -> str:
+        """Play the human on the consent page; return where the provider redirects back to."""
+        async with self.session.get(authorize_url, allow_redirects=False) as page:
+            if page.status != 200:
+                raise AssertionError(f"consent page -> {page.status}: {await page.text()}")
+        url = URL(authorize_url)
+        form = {**url.query, "consent": decision}
+        async with self.session.post(url.with_query(None), data=form, allow_redirects=False) as resp:
+            if resp.status != 302:
+                raise AssertionError(f"consent -> {resp.status}: {await resp.text()}")
+            return resp.headers["Location"]
 
     async def reset(self) -> None:
         """Forget everything."""

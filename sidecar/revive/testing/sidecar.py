@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from revive.app import create_app, start_site
+from revive.app import SERVICE, create_app, start_site
 from revive.config import Settings
 
 
@@ -20,6 +20,16 @@ class RunningSidecar:
 
     def proxy(self, connection_id: str, tail: str) -> str:
         return f"{self.url}/proxy/{connection_id}/{tail.lstrip('/')}"
+
+    async def capability(
+        self, connection_id: str, run_id: str = "run_test", checkpoint_id: str = "chk-1",
+        epoch: int = 1,
+    ) -> str:
+        """Mint a run capability in-process, as ``POST /v1/runs/{run}/capabilities`` would."""
+        minted = await self.app[SERVICE].mint_run_capability(
+            run_id, connection_id, checkpoint_id, epoch
+        )
+        return minted.token
 
 
 @asynccontextmanager

@@ -1,0 +1,101 @@
+"""Stage: the action ledger around a mutating request (DESIGN §7).
+
+Claim before forwarding, in the same transaction as the fence check; record what came
+back; replay a committed (or permanently failed) answer instead of sending again. Whatever
+happens in between, the claim is finished: an exception after the request may have left
+marks the action ``unknown``, never leaves it ``in_flight``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from revive.classify import Policy
+from revive.proxy.headers import downstream_headers
+from revive.store import ActionRow, ClaimRequest, FinishState, Store
+
+REPLAYED = "Revive-Replayed"
+
+
+def derive_idempotency_key(run_id: str, action_key: str) -> str:
+    """Stable across retries and resumes of the same action of the same run (DESIGN §6)."""
+    digest = hashlib.sha256(f"{run_id}\x00{action_key}".encode()).hexdigest()
+    return f"ik_{digest[:40]}"
+
+
+def fingerprint(method: str, path_qs: str, body: bytes | None, length: int | None) -> str:
+    """What makes two requests "the same request" for one idempotency key."""
+    h = hashlib.sha256(f"{method.upper()} {path_qs}\n".encode())
+    if body is not None:
+        h.update(body)
+    elif length is not None:
+        h.update(f"stream:{length}".encode())
+    return h.hexdigest()
+
+
+@dataclass(slots=True)
+class LedgerEntry:
+    """One claimed action; ``finish`` is called exactly once, whatever happens."""
+
+    store: Store
+    request: ClaimRequest
+    action: ActionRow
+    sent: bool = False
+    done: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.request.idempotency_key
+
+    async def finish(
+        self,
+        state: FinishState,
+        *,
+        status: int | None = None,
+        headers: CIMultiDictProxy[str] | None = None,
+        body: bytes | None = None,
+        case_id: str | None = None,
+    ) -> ActionRow:
+        response = None
+        if status is not None and headers is not None and body is not None:
+            response = json.dumps(
+                {
+                    "status": status,
+                    "headers": downstream_headers(headers),
+                    "body_b64": base64.b64encode(body).decode(),
+                }
+            )
+        self.done = True
+        self.action = await self.store.finish(
+            self.key, self.request.owner, state, status=status, response=response, case_id=case_id
+        )
+        return self.action
+
+    async def settle_unfinished(self) -> None:
+        """The last word when an exception left the claim open."""
+        if not self.done:
+            await self.finish("unknown" if self.sent else "not_committed")
+
+
+def replay(action: ActionRow, policy: Policy, method: str, path: str) -> web.Response:
+    """Answer from the ledger, as the provider answered the first time (Stripe does the same).
+
+    An action found committed by reconcile has no stored answer: the policy says what the
+    provider would have answered (Graph sendMail: 202 Accepted, no body).
+    """
+    headers = {REPLAYED: "true"}
+    if action.response is not None:
+        stored = json.loads(action.response)
+        out = web.Response(status=int(stored["status"]), body=base64.b64decode(stored["body_b64"]))
+        out.headers.extend(stored["headers"])
+        out.headers.update(headers)
+        return out
+    rule = policy.reconcile_for(method, path)
+    status = action.status or (rule.committed_status if rule is not None else 200)
+    return web.Response(status=status, headers=headers)

@@ -1,0 +1,28 @@
+"""Recovery stories: the fake provider, a real sidecar on SQLite, and the actors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from revive.lab.settings import lab_settings
+from revive.testing.provider import running_provider
+from revive.testing.sidecar import running_sidecar
+from revive.testing.story import Story
+
+
+@pytest.fixture
+async def story(tmp_path: Path) -> AsyncIterator[Story]:
+    async with running_provider() as provider:
+        grant = await provider.new_grant()
+        settings = await asyncio.to_thread(
+            lab_settings, tmp_path / "data", provider.url, refresh_token=grant["refresh_token"]
+        )
+        async with running_sidecar(settings) as sidecar:
+            token = await asyncio.to_thread(settings.admin_token_path.read_text)
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+                yield Story(provider, sidecar, http, token.strip(), tmp_path / "data")
