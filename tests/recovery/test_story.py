@@ -143,3 +143,27 @@ async def test_no_token_in_the_database_the_answers_or_the_case(story: Story) ->
     assert raw, "the SQLite files exist"
     for marker in TOKEN_MARKERS:
         assert marker.encode() not in raw
+
+
+async def test_worker_settles_an_unknown_outcome_when_no_reconcile_exists(
+    generic_story: Story,
+) -> None:
+    story = generic_story
+    token = await story.mint()
+    await story.provider.fault("commit_then_drop")
+    dropped = await story.send_briefing(token)
+    assert dropped.status == 502
+    key = dropped.body["idempotency_key"]
+
+    blocked = await story.send_briefing(token)  # nothing re-executes an unknown outcome
+    assert blocked.status == 409 and blocked.body["type"] == "urn:revive:reconcile-required"
+    assert len(await story.provider.mails()) == 1
+
+    settled = await story.call(
+        "POST", f"/v1/actions/{key}/outcome",
+        json={"outcome": "committed", "evidence": {"checked": "Sent Items by hand"}},
+    )
+    assert settled.status == 200, settled.text
+    replayed = await story.send_briefing(token)
+    assert replayed.status == 200 and replayed.headers["Revive-Replayed"] == "true"
+    assert len(await story.provider.mails()) == 1
