@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from pathlib import Path
+
+import pytest
 
 from revive.lab.settings import LAB_CONNECTION
 
@@ -167,3 +171,38 @@ async def test_worker_settles_an_unknown_outcome_when_no_reconcile_exists(
     replayed = await story.send_briefing(token)
     assert replayed.status == 200 and replayed.headers["Revive-Replayed"] == "true"
     assert len(await story.provider.mails()) == 1
+
+
+async def test_one_reconnect_advances_every_case_of_the_connection(story: Story) -> None:
+    first = await story.mint(run="run_a")
+    second = await story.mint(run="run_b")
+    await story.provider.fault("kill_grant")
+    cases = []
+    for token in (first, second):
+        failed = await story.send_briefing(token)
+        assert failed.status == 424
+        cases.append(failed.body["case_id"])
+    assert len(set(cases)) == 2  # one case per run
+    assert (await story.reconnect()).status == 200
+    for case_id in cases:
+        assert (await story.case(case_id))["state"] == "ready"
+
+
+async def test_no_token_in_the_logs_of_a_whole_story(
+    story: Story, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    _, problem = await _kill_grant_at_send(story)
+    assert (await story.reconnect()).status == 200
+    issued = await story.call(
+        "POST", f"/v1/cases/{problem['case_id']}/capability", admin=True, json={}
+    )
+    redeemed = await story.call(
+        "POST", "/v1/capabilities/redeem", json={"capability": issued.body["capability"]}
+    )
+    assert (await story.send_briefing(redeemed.body["capability"])).status == 202
+    text = caplog.text
+    assert "recovery case" in text  # the story was logged...
+    for marker in TOKEN_MARKERS:  # ...without a provider token
+        assert marker not in text
+    assert re.search(r"eyJ[\w-]+\.[\w-]+\.", text) is None  # nor a capability
