@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import aiosqlite
@@ -53,11 +54,9 @@ async def test_wal_mode_is_on(tmp_path: Path) -> None:
 async def test_commits_are_durable(tmp_path: Path) -> None:
     """``synchronous`` is per connection, so ask the store's own writer (FULL = 2)."""
     async with SqliteStore.open(tmp_path / "revive.db") as store:
-        writer = store._writer_conn  # noqa: SLF001 - the setting lives on that connection only
-        async with writer.execute("PRAGMA synchronous") as cursor:
-            assert await cursor.fetchone() == (2,)
-        async with writer.execute("PRAGMA foreign_keys") as cursor:
-            assert await cursor.fetchone() == (1,)
+        writer = store._writer_thread  # noqa: SLF001 - the setting lives on that connection only
+        assert await writer.call(lambda c: c.execute("PRAGMA synchronous").fetchone()) == (2,)
+        assert await writer.call(lambda c: c.execute("PRAGMA foreign_keys").fetchone()) == (1,)
 
 
 async def test_migrations_are_applied_once(tmp_path: Path) -> None:
@@ -107,6 +106,36 @@ async def test_writes_after_close_are_refused(tmp_path: Path) -> None:
         pass
     with pytest.raises(StoreUnavailable):
         await store.ensure_connection("conn_1")
+
+
+async def test_a_cancelled_caller_spoils_nothing(tmp_path: Path) -> None:
+    """A caller that gives up may or may not have its write kept; everyone else is unaffected."""
+    async with SqliteStore.open(tmp_path / "revive.db") as store:
+        await prepared(store)
+        tasks = [asyncio.ensure_future(store.claim(req(f"key_{i}"))) for i in range(32)]
+        await asyncio.sleep(0)
+        for task in tasks[::2]:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(r.kind == "claimed" for r in results[1::2])  # type: ignore[union-attr]
+        assert (await store.claim(req("key_after"))).kind == "claimed"
+        kept = {a.idempotency_key for a in await store.list_actions("run_1")}
+        assert {f"key_{i}" for i in range(1, 32, 2)} | {"key_after"} <= kept
+
+
+async def test_close_stops_the_connection_threads(tmp_path: Path) -> None:
+    before = set(threading.enumerate())
+    async with SqliteStore.open(tmp_path / "revive.db") as store:
+        await prepared(store)
+        await store.claim(req("key_1"))
+        started = set(threading.enumerate()) - before
+        ours = [t for t in started if t.name.startswith("revive-sqlite")]
+        assert len(ours) == 2  # the writer's and the reader's
+    for _ in range(200):
+        if not any(t.is_alive() for t in ours):
+            break
+        await asyncio.sleep(0.01)
+    assert not any(t.is_alive() for t in ours)
 
 
 async def test_unopenable_database_is_store_unavailable(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """The SQLite store's write operations, each run by the group-commit writer in its savepoint.
 
-Each function is one logical transaction: it reads and writes through the writer's connection
-only and raises a ``revive.errors`` problem or :class:`ConflictError` to refuse, which rolls back
+Each function is plain synchronous code over the stdlib ``sqlite3`` connection the writer's own
+thread owns (the writer runs a whole batch of them in one trip to that thread, never on the event
+loop). Each is one logical transaction: it reads and writes through that connection only and
+raises a ``revive.errors`` problem or :class:`ConflictError` to refuse, which rolls back
 its savepoint and nothing else. ``now`` is taken by the caller when it submits the operation.
 """
 
@@ -10,8 +12,6 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from typing import Any
-
-import aiosqlite
 
 from revive.errors import (
     CapabilityInvalid,
@@ -36,7 +36,7 @@ from revive.store.models import (
     RunRow,
 )
 
-Conn = aiosqlite.Connection
+Conn = sqlite3.Connection
 
 
 def fence_error(
@@ -58,29 +58,32 @@ def fence_error(
     return None
 
 
-async def _count(conn: Conn, sql: str, params: tuple[Any, ...]) -> int:
-    async with conn.execute(sql, params) as cursor:
+def _count(conn: Conn, sql: str, params: tuple[Any, ...]) -> int:
+    cursor = conn.execute(sql, params)
+    try:
         return cursor.rowcount
+    finally:
+        cursor.close()
 
 
 # -- connections ---------------------------------------------------------------------------------
 
 
-async def ensure_connection(conn: Conn, now: float, connection_id: str) -> ConnectionRow:
-    await conn.execute(
+def ensure_connection(conn: Conn, now: float, connection_id: str) -> ConnectionRow:
+    conn.execute(
         "INSERT INTO connections (connection_id, generation, state, updated_at)"
         " VALUES (?, 1, 'active', ?) ON CONFLICT (connection_id) DO NOTHING",
         (connection_id, now),
     )
-    found = await rows.get_connection(conn, connection_id)
+    found = rows.get_connection(conn, connection_id)
     assert found is not None
     return found
 
 
-async def record_reconnect(
+def record_reconnect(
     conn: Conn, now: float, connection_id: str, expected_generation: int
 ) -> ConnectionRow:
-    row = await rows.fetch_one(
+    row = rows.fetch_one(
         conn,
         "UPDATE connections SET generation = generation + 1, state = 'active', updated_at = ?"
         f" WHERE connection_id = ? AND generation = ? RETURNING {rows.CONNECTION_COLUMNS}",
@@ -88,7 +91,7 @@ async def record_reconnect(
     )
     if row is not None:
         return rows.connection_row(row)
-    current = await rows.get_connection(conn, connection_id)
+    current = rows.get_connection(conn, connection_id)
     if current is None:
         raise NotFound("unknown connection", connection_id=connection_id)
     raise ConflictError(
@@ -100,11 +103,11 @@ async def record_reconnect(
 # -- runs ------------------------------------------------------------------------------------------
 
 
-async def blocking_case(conn: Conn, run_id: str) -> CaseRow | None:
+def blocking_case(conn: Conn, run_id: str) -> CaseRow | None:
     """The oldest case of the run that still stands between it and new capabilities."""
     past = sorted(PAST_RECOVERY_CASE_STATES)
     marks = ", ".join("?" for _ in past)
-    row = await rows.fetch_one(
+    row = rows.fetch_one(
         conn,
         f"SELECT {rows.CASE_COLUMNS} FROM cases WHERE run_id = ? AND state NOT IN ({marks})"
         " ORDER BY created_at, case_id LIMIT 1",
@@ -113,14 +116,14 @@ async def blocking_case(conn: Conn, run_id: str) -> CaseRow | None:
     return None if row is None else rows.case_row(row)
 
 
-async def mint_check(
+def mint_check(
     conn: Conn, now: float, run_id: str, epoch: int, workflow: str | None
 ) -> RunRow:
-    run = await rows.get_run(conn, run_id)
+    run = rows.get_run(conn, run_id)
     if run is None:
         if epoch != 1:
             raise Fenced("unknown run: the first epoch is 1", run_id=run_id, epoch=epoch)
-        await conn.execute(
+        conn.execute(
             "INSERT INTO runs (run_id, epoch, workflow, created_at, updated_at)"
             " VALUES (?, 1, ?, ?, ?)",
             (run_id, workflow, now, now),
@@ -128,7 +131,7 @@ async def mint_check(
         return RunRow(run_id, 1, workflow, now, now)
     if epoch != run.epoch:
         raise Fenced("stale or unknown run epoch", run_id=run_id, epoch=epoch)
-    case = await blocking_case(conn, run_id)
+    case = blocking_case(conn, run_id)
     if case is not None:
         raise RecoveryRequired(
             "the run waits for a recovery case",
@@ -141,17 +144,17 @@ async def mint_check(
 # -- action ledger -------------------------------------------------------------------------------
 
 
-async def claim(conn: Conn, now: float, req: ClaimRequest) -> ClaimOutcome:
-    stored_epoch, stored_generation = await rows.fence_values(conn, req.run_id, req.connection_id)
+def claim(conn: Conn, now: float, req: ClaimRequest) -> ClaimOutcome:
+    stored_epoch, stored_generation = rows.fence_values(conn, req.run_id, req.connection_id)
     refusal = fence_error(
         req.run_id, req.epoch, stored_epoch, req.connection_id, req.generation, stored_generation
     )
     if refusal is not None:
         raise refusal
     key = req.idempotency_key
-    current = await rows.get_action(conn, key)
+    current = rows.get_action(conn, key)
     if current is None:
-        row = await rows.fetch_one(
+        row = rows.fetch_one(
             conn,
             "INSERT INTO actions (idempotency_key, run_id, action_key, checkpoint_id,"
             " connection_id, fingerprint, state, attempts, owner, updated_at)"
@@ -171,7 +174,7 @@ async def claim(conn: Conn, now: float, req: ClaimRequest) -> ClaimOutcome:
         case "unknown":
             raise ReconcileRequired(idempotency_key=key)
         case "not_committed":
-            row = await rows.fetch_one(
+            row = rows.fetch_one(
                 conn,
                 "UPDATE actions SET state = 'in_flight', attempts = attempts + 1, owner = ?,"
                 " checkpoint_id = ?, connection_id = ?, status = NULL, response = NULL,"
@@ -184,11 +187,11 @@ async def claim(conn: Conn, now: float, req: ClaimRequest) -> ClaimOutcome:
     raise ConflictError("action", key, "a ledger state", current.state)
 
 
-async def finish(
+def finish(
     conn: Conn, now: float, key: str, owner: str, state: str,
     status: int | None, response: str | None, case_id: str | None,
 ) -> ActionRow:
-    row = await rows.fetch_one(
+    row = rows.fetch_one(
         conn,
         "UPDATE actions SET state = ?, status = ?, response = ?,"
         " case_id = COALESCE(?, case_id), updated_at = ?"
@@ -198,7 +201,7 @@ async def finish(
     )
     if row is not None:
         return rows.action_row(row)
-    current = await rows.get_action(conn, key)
+    current = rows.get_action(conn, key)
     if current is None:
         raise NotFound("unknown idempotency key", idempotency_key=key)
     raise ConflictError(
@@ -206,11 +209,11 @@ async def finish(
     )
 
 
-async def settle(
+def settle(
     conn: Conn, now: float, key: str, outcome: str, evidence: str,
     status: int | None, response: str | None,
 ) -> ActionRow:
-    row = await rows.fetch_one(
+    row = rows.fetch_one(
         conn,
         "UPDATE actions SET state = ?, evidence = ?, status = COALESCE(?, status),"
         " response = COALESCE(?, response), updated_at = ?"
@@ -219,7 +222,7 @@ async def settle(
     )
     if row is not None:
         return rows.action_row(row)
-    current = await rows.get_action(conn, key)
+    current = rows.get_action(conn, key)
     if current is None:
         raise NotFound("unknown idempotency key", idempotency_key=key)
     if current.state == outcome:
@@ -227,8 +230,8 @@ async def settle(
     raise ConflictError("action", key, f"unknown or {outcome}", current.state)
 
 
-async def sweep_in_flight(conn: Conn, now: float, owner: str) -> int:
-    return await _count(
+def sweep_in_flight(conn: Conn, now: float, owner: str) -> int:
+    return _count(
         conn,
         "UPDATE actions SET state = 'unknown', updated_at = ?"
         " WHERE owner = ? AND state = 'in_flight'",
@@ -239,20 +242,20 @@ async def sweep_in_flight(conn: Conn, now: float, owner: str) -> int:
 # -- recovery cases ------------------------------------------------------------------------------
 
 
-async def _append(
+def _append(
     conn: Conn, case_id: str, seq: int, from_state: str | None, to_state: str,
     at: float, actor: str, evidence: str,
 ) -> None:
-    await conn.execute(
+    conn.execute(
         f"INSERT INTO transitions ({rows.TRANSITION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (case_id, seq, from_state, to_state, at, actor, evidence),
     )
 
 
-async def open_case(conn: Conn, now: float, draft: CaseDraft) -> tuple[CaseRow, bool]:
+def open_case(conn: Conn, now: float, draft: CaseDraft) -> tuple[CaseRow, bool]:
     evidence = rows.dump_json(draft.evidence)
     case_id = draft.case_id or f"case_{uuid.uuid4().hex}"
-    row = await rows.fetch_one(
+    row = rows.fetch_one(
         conn,
         f"INSERT INTO cases ({rows.CASE_COLUMNS})"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', 1, NULL, ?, ?, ?)"
@@ -264,7 +267,7 @@ async def open_case(conn: Conn, now: float, draft: CaseDraft) -> tuple[CaseRow, 
     )
     created = row is not None
     if row is None:
-        row = await rows.fetch_one(
+        row = rows.fetch_one(
             conn,
             f"SELECT {rows.CASE_COLUMNS} FROM cases"
             " WHERE run_id = ? AND connection_id = ? AND generation = ?",
@@ -274,51 +277,51 @@ async def open_case(conn: Conn, now: float, draft: CaseDraft) -> tuple[CaseRow, 
             raise ConflictError("case", case_id, "a new case id", "taken")
     case = rows.case_row(row)
     if created:
-        await _append(conn, case.case_id, 1, None, "open", now, draft.actor, evidence)
-        await conn.execute(
+        _append(conn, case.case_id, 1, None, "open", now, draft.actor, evidence)
+        conn.execute(
             "UPDATE connections SET state = 'dead', updated_at = ?"
             " WHERE connection_id = ? AND generation = ?",
             (now, draft.connection_id, draft.generation),
         )
     if draft.idempotency_key is not None:
-        await conn.execute(
+        conn.execute(
             "UPDATE actions SET case_id = ? WHERE idempotency_key = ? AND case_id IS NULL",
             (case.case_id, draft.idempotency_key),
         )
     return case, created
 
 
-async def transition(
+def transition(
     conn: Conn, now: float, case_id: str, from_state: str, to_state: str,
     actor: str, evidence: str, fields: dict[str, str | None],
 ) -> CaseRow:
     # Column names come from CASE_UPDATABLE_FIELDS (checked by the caller), never from input.
     sets = "".join(f", {name} = ?" for name in fields)
-    row = await rows.fetch_one(
+    row = rows.fetch_one(
         conn,
         f"UPDATE cases SET state = ?, version = version + 1, updated_at = ?{sets}"
         f" WHERE case_id = ? AND state = ? RETURNING {rows.CASE_COLUMNS}",
         (to_state, now, *fields.values(), case_id, from_state),
     )
     if row is None:
-        current = await rows.get_case(conn, case_id)
+        current = rows.get_case(conn, case_id)
         if current is None:
             raise NotFound("unknown case", case_id=case_id)
         raise ConflictError("case", case_id, from_state, current.state)
     case = rows.case_row(row)
-    await _append(conn, case_id, case.version, from_state, to_state, now, actor, evidence)
+    _append(conn, case_id, case.version, from_state, to_state, now, actor, evidence)
     return case
 
 
-async def redeem(
+def redeem(
     conn: Conn, now: float, jti: str, exp: float, case_id: str, run_id: str,
     expected_epoch: int, actor: str,
 ) -> RedeemResult:
-    case = await rows.get_case(conn, case_id)
+    case = rows.get_case(conn, case_id)
     if case is None or case.run_id != run_id:
         raise CapabilityInvalid("the capability names no case of this run", case_id=case_id)
     try:
-        await conn.execute(
+        conn.execute(
             "INSERT INTO burned_capabilities (jti, case_id, exp, burned_at) VALUES (?, ?, ?, ?)",
             (jti, case_id, exp, now),
         )
@@ -327,12 +330,12 @@ async def redeem(
     epoch = expected_epoch + 1
     evidence = rows.dump_json({"jti": jti, "epoch": epoch})
     try:
-        resumed = await transition(conn, now, case_id, "ready", "resumed", actor, evidence, {})
+        resumed = transition(conn, now, case_id, "ready", "resumed", actor, evidence, {})
     except ConflictError as exc:
         raise CapabilityInvalid(
             "the case is not ready for redemption", case_id=case_id, case_state=exc.actual
         ) from exc
-    bumped = await _count(
+    bumped = _count(
         conn,
         "UPDATE runs SET epoch = ?, updated_at = ? WHERE run_id = ? AND epoch = ?",
         (epoch, now, run_id, expected_epoch),
@@ -341,5 +344,5 @@ async def redeem(
         raise Fenced("the run's epoch moved", run_id=run_id, epoch=expected_epoch)
     action = None
     if resumed.idempotency_key is not None:
-        action = await rows.get_action(conn, resumed.idempotency_key)
+        action = rows.get_action(conn, resumed.idempotency_key)
     return RedeemResult(epoch, resumed, action)

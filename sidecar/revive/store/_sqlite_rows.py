@@ -1,4 +1,5 @@
-"""Driver rows → the store's frozen rows, and the small reads both SQLite connections share."""
+"""Driver rows → the store's frozen rows, and the small synchronous reads both SQLite
+connections share (each runs on its connection's own thread, never on the event loop)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import json
 import sqlite3
 from collections.abc import Mapping
 from typing import Any, cast
-
-import aiosqlite
 
 from revive.store.models import (
     ActionRow,
@@ -75,47 +74,50 @@ def transition_row(r: sqlite3.Row) -> TransitionRow:
     return TransitionRow(r[0], r[1], r[2], r[3], r[4], r[5], _load(r[6]) or {})
 
 
-async def fetch_one(
-    conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...]
-) -> sqlite3.Row | None:
-    async with conn.execute(sql, params) as cursor:
-        return await cursor.fetchone()
+def fetch_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
+    cursor = conn.execute(sql, params)
+    try:
+        row: sqlite3.Row | None = cursor.fetchone()
+        return row
+    finally:
+        cursor.close()  # resets the statement at once, so it holds nothing open
 
 
-async def fetch_all(
-    conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...]
-) -> list[sqlite3.Row]:
-    async with conn.execute(sql, params) as cursor:
-        return list(await cursor.fetchall())
+def fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+    cursor = conn.execute(sql, params)
+    try:
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
 
 
-async def get_connection(conn: aiosqlite.Connection, connection_id: str) -> ConnectionRow | None:
+def get_connection(conn: sqlite3.Connection, connection_id: str) -> ConnectionRow | None:
     sql = f"SELECT {CONNECTION_COLUMNS} FROM connections WHERE connection_id = ?"
-    row = await fetch_one(conn, sql, (connection_id,))
+    row = fetch_one(conn, sql, (connection_id,))
     return None if row is None else connection_row(row)
 
 
-async def get_run(conn: aiosqlite.Connection, run_id: str) -> RunRow | None:
-    row = await fetch_one(conn, f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
+def get_run(conn: sqlite3.Connection, run_id: str) -> RunRow | None:
+    row = fetch_one(conn, f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
     return None if row is None else run_row(row)
 
 
-async def get_action(conn: aiosqlite.Connection, key: str) -> ActionRow | None:
+def get_action(conn: sqlite3.Connection, key: str) -> ActionRow | None:
     sql = f"SELECT {ACTION_COLUMNS} FROM actions WHERE idempotency_key = ?"
-    row = await fetch_one(conn, sql, (key,))
+    row = fetch_one(conn, sql, (key,))
     return None if row is None else action_row(row)
 
 
-async def get_case(conn: aiosqlite.Connection, case_id: str) -> CaseRow | None:
-    row = await fetch_one(conn, f"SELECT {CASE_COLUMNS} FROM cases WHERE case_id = ?", (case_id,))
+def get_case(conn: sqlite3.Connection, case_id: str) -> CaseRow | None:
+    row = fetch_one(conn, f"SELECT {CASE_COLUMNS} FROM cases WHERE case_id = ?", (case_id,))
     return None if row is None else case_row(row)
 
 
-async def fence_values(
-    conn: aiosqlite.Connection, run_id: str, connection_id: str
+def fence_values(
+    conn: sqlite3.Connection, run_id: str, connection_id: str
 ) -> tuple[int | None, int | None]:
-    """The run's epoch and the connection's generation, in one round trip (``None``: unknown)."""
-    row = await fetch_one(
+    """The run's epoch and the connection's generation, in one statement (``None``: unknown)."""
+    row = fetch_one(
         conn,
         "SELECT (SELECT epoch FROM runs WHERE run_id = ?),"
         " (SELECT generation FROM connections WHERE connection_id = ?)",

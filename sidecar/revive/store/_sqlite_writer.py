@@ -1,11 +1,14 @@
 """Group commit for SQLite: many callers' writes share one transaction and one fsync (DESIGN §9).
 
-One writer task owns the write connection. It takes every operation queued so far, runs them in
-one ``BEGIN IMMEDIATE … COMMIT``, each inside its own ``SAVEPOINT`` so that an operation that
-raises (``Fenced``, a lost compare-and-set) rolls back only its own changes while the others are
-kept, and resolves every caller's future only after the ``COMMIT`` has returned: with
-``synchronous=FULL`` that is after the fsync, so nobody is told "done" about a write a crash
-could lose. Batches form by themselves: while one batch commits, the next one queues up.
+One writer task feeds the write connection, which lives on its own thread
+(:class:`~revive.store._sqlite_thread.ConnectionThread`). The task takes every operation queued
+so far and sends the whole batch to that thread in ONE hop, where it runs as plain synchronous
+``sqlite3`` code: ``BEGIN IMMEDIATE``, each operation inside its own ``SAVEPOINT`` so that an
+operation that raises (``Fenced``, a lost compare-and-set) rolls back only its own changes while
+the others are kept, then ``COMMIT``. Every caller's future is resolved only after the ``COMMIT``
+has returned: with ``synchronous=FULL`` that is after the fsync, so nobody is told "done" about a
+write a crash could lose. Batches form by themselves: while one batch commits on the thread, the
+next one queues up on the event loop.
 """
 
 from __future__ import annotations
@@ -13,17 +16,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-import aiosqlite
-
 from revive.errors import ReviveError
+from revive.store._sqlite_thread import ConnectionThread
 from revive.store.models import ConflictError, StoreUnavailable
 
 T = TypeVar("T")
-Op = Callable[[aiosqlite.Connection], Awaitable[T]]
+Op = Callable[[sqlite3.Connection], T]
+"""A write operation: synchronous, run on the writer's thread inside its own savepoint."""
+
+Outcome = tuple[bool, Any]
+"""``(True, result)`` or ``(False, the exception for that operation's caller)``."""
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +59,65 @@ def translate(exc: sqlite3.Error) -> ReviveError:
     return StoreUnavailable(f"sqlite: {exc}")
 
 
+def run_batch(conn: sqlite3.Connection, ops: Sequence[Op[Any]]) -> list[Outcome]:
+    """Run ``ops`` in one transaction, each in its savepoint; on the writer's thread.
+
+    Returns:
+        Each operation's outcome, in order, once the ``COMMIT`` has returned.
+
+    Raises:
+        sqlite3.Error: the transaction as a whole failed and was rolled back: nothing is kept.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        outcomes = [_run_one(conn, op) for op in ops]
+        conn.execute("COMMIT")
+    except BaseException:
+        # An I/O error, a statement error SQLite turned into a full rollback, or an operation
+        # that raised past its savepoint: nothing of the batch is kept.
+        _rollback(conn)
+        raise
+    return outcomes
+
+
+def _run_one(conn: sqlite3.Connection, op: Op[Any]) -> Outcome:
+    """Run one operation inside its savepoint; raise only when the whole batch is lost."""
+    conn.execute("SAVEPOINT op")
+    outcome: Outcome
+    try:
+        outcome = (True, op(conn))
+    except Exception as exc:  # delivered to the one caller it belongs to, by the writer task
+        if not conn.in_transaction:
+            raise sqlite3.OperationalError(f"transaction lost: {exc}") from exc
+        conn.execute("ROLLBACK TO op")
+        error: BaseException = exc
+        if isinstance(exc, sqlite3.Error):
+            error = translate(exc)
+            error.__cause__ = exc
+        outcome = (False, error)
+    conn.execute("RELEASE op")
+    return outcome
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        log.exception("rollback of a failed batch failed")
+
+
 @dataclass
 class _Job:
     op: Op[Any]
     future: asyncio.Future[Any]
-    outcome: tuple[bool, Any] = field(default=(False, None))
 
 
 class GroupCommitWriter:
     """Runs write operations on one connection, batching concurrent ones into one commit."""
 
-    def __init__(self, conn: aiosqlite.Connection, stats: WriterStats) -> None:
-        self._conn = conn
+    def __init__(self, thread: ConnectionThread, stats: WriterStats) -> None:
+        self._thread = thread
         self._stats = stats
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -98,47 +151,50 @@ class GroupCommitWriter:
             await self._task
 
     async def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                job = self._queue.get_nowait()
-                if job is None:
-                    stopping = True
+        try:
+            stopping = False
+            while not stopping:
+                first = await self._queue.get()
+                if first is None:
                     break
-                batch.append(job)
-            await self._run_batch([j for j in batch if not j.future.cancelled()])
+                batch = [first]
+                while len(batch) < MAX_BATCH and not self._queue.empty():
+                    job = self._queue.get_nowait()
+                    if job is None:
+                        stopping = True
+                        break
+                    batch.append(job)
+                await self._run_batch([j for j in batch if not j.future.cancelled()])
+        finally:
+            # Whatever stopped the writer, nobody may wait for it for ever.
+            self._closed = True
+            while not self._queue.empty():
+                job = self._queue.get_nowait()
+                if job is not None and not job.future.done():
+                    job.future.set_exception(StoreUnavailable("store is closed"))
 
     async def _run_batch(self, batch: list[_Job]) -> None:
         if not batch:
             return
+        ops = [job.op for job in batch]
         try:
-            await self._conn.execute("BEGIN IMMEDIATE")
+            outcomes = await self._thread.call(lambda conn: run_batch(conn, ops))
         except sqlite3.Error as exc:
             self._fail_all(batch, exc)
             return
-        try:
-            for job in batch:
-                await self._run_one(job)
-            await self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            # The transaction as a whole failed (I/O error, lost by a statement error SQLite
-            # turned into a full rollback): nothing of it is kept, so nobody may hear "done".
-            await self._rollback()
+        except Exception as exc:  # a bug, or the connection closed under the writer
+            log.exception("a store write batch failed")
             self._fail_all(batch, exc)
             return
         except BaseException:
-            await self._rollback()
+            # The writer itself was interrupted (cancelled): the thread may still commit the
+            # batch, but nobody may hear "done" about it from here.
             self._fail_all(batch, sqlite3.OperationalError("store writer interrupted"))
             raise
         self._stats.commits += 1
         self._stats.operations += len(batch)
         self._stats.largest_batch = max(self._stats.largest_batch, len(batch))
-        for job in batch:
-            ok, value = job.outcome
+        for job, (ok, value) in zip(batch, outcomes, strict=True):
             if job.future.done():
                 continue
             if ok:
@@ -146,31 +202,8 @@ class GroupCommitWriter:
             else:
                 job.future.set_exception(value)
 
-    async def _run_one(self, job: _Job) -> None:
-        """Run one operation inside its savepoint; raise only when the whole batch is lost."""
-        await self._conn.execute("SAVEPOINT op")
-        try:
-            job.outcome = (True, await job.op(self._conn))
-        except Exception as exc:  # delivered to the one caller it belongs to, below
-            if not self._conn.in_transaction:
-                raise sqlite3.OperationalError(f"transaction lost: {exc}") from exc
-            await self._conn.execute("ROLLBACK TO op")
-            error: BaseException = exc
-            if isinstance(exc, sqlite3.Error):
-                error = translate(exc)
-                error.__cause__ = exc
-            job.outcome = (False, error)
-        await self._conn.execute("RELEASE op")
-
-    async def _rollback(self) -> None:
-        try:
-            if self._conn.in_transaction:
-                await self._conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            log.exception("rollback of a failed batch failed")
-
     @staticmethod
-    def _fail_all(batch: list[_Job], exc: sqlite3.Error) -> None:
+    def _fail_all(batch: list[_Job], exc: BaseException) -> None:
         for job in batch:
             if not job.future.done():
                 error = StoreUnavailable(f"sqlite: {exc}")

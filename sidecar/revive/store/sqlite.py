@@ -1,11 +1,13 @@
 """``SqliteStore``: the default ``Store``, one SQLite file in WAL mode (DESIGN §9).
 
-Two aiosqlite connections, so that no sqlite call ever runs on the event loop:
+Two stdlib ``sqlite3`` connections, each owned by its own single thread
+(:class:`ConnectionThread`), so that no sqlite call ever runs on the event loop:
 
-- the *writer* connection belongs to a :class:`GroupCommitWriter` task; every state change goes
-  through it and concurrent changes share one durable commit (``synchronous=FULL``);
-- the *reader* connection answers plain reads; WAL lets it read while the writer commits, and a
-  write's caller is answered only after its commit, so it reads its own writes.
+- the *writer* connection is fed by a :class:`GroupCommitWriter` task; every state change goes
+  through it and concurrent changes share one durable commit (``synchronous=FULL``), a whole
+  batch running in one trip to the writer's thread;
+- the *reader* connection answers plain reads, one trip each; WAL lets it read while the writer
+  commits, and a write's caller is answered only after its commit, so it reads its own writes.
 
 Several processes may open the same file (``busy_timeout`` waits for the write lock), but a
 sidecar fleet should share PostgreSQL instead.
@@ -22,12 +24,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
 from revive.store import _sqlite_ops as ops
 from revive.store import _sqlite_rows as rows
+from revive.store._sqlite_thread import ConnectionThread
 from revive.store._sqlite_writer import GroupCommitWriter, Op, T, WriterStats, translate
-from revive.store.migrate import SCHEMA_VERSION_DDL, load_migrations, pending, split_statements
+from revive.store.migrate import (
+    SCHEMA_VERSION_DDL,
+    Migration,
+    load_migrations,
+    pending,
+    split_statements,
+)
 from revive.store.models import (
     ACTION_STATES,
     CASE_UPDATABLE_FIELDS,
@@ -48,7 +55,6 @@ from revive.store.models import (
     TransitionRow,
 )
 
-BUSY_TIMEOUT_MS = 5000
 _FINISH_STATES = frozenset({"committed", "failed", "not_committed", "unknown"})
 
 
@@ -61,13 +67,13 @@ class SqliteStore:
     """The SQLite ``Store``; build it with :meth:`open`, which also applies the migrations."""
 
     def __init__(
-        self, path: Path, reader: aiosqlite.Connection, writer: aiosqlite.Connection,
+        self, path: Path, reader: ConnectionThread, writer: ConnectionThread,
         clock: Callable[[], float],
     ) -> None:
         self.path = path
         self.stats = WriterStats()
         self._reader = reader
-        self._writer_conn = writer
+        self._writer_thread = writer
         self._writer = GroupCommitWriter(writer, self.stats)
         self._clock = clock
 
@@ -93,14 +99,15 @@ class SqliteStore:
             await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create the database directory: {exc}") from exc
-        writer = await _connect(path)
-        try:
-            reader = await _connect(path)
-        except BaseException:
-            await writer.close()
-            raise
+        writer = ConnectionThread("revive-sqlite-writer")
+        reader = ConnectionThread("revive-sqlite-reader")
         store = cls(path, reader, writer, clock)
         try:
+            try:
+                await writer.open(path)
+                await reader.open(path)
+            except sqlite3.Error as exc:
+                raise translate(exc) from exc
             await store.setup()
             store._writer.start()
             yield store
@@ -110,24 +117,9 @@ class SqliteStore:
     async def setup(self) -> None:
         """Apply pending migrations in one transaction under the write lock (idempotent)."""
         migrations = await load_migrations()
-        conn = self._writer_conn
+        now = self._clock()
         try:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                await conn.execute(SCHEMA_VERSION_DDL)
-                row = await rows.fetch_one(conn, "SELECT MAX(version) FROM schema_version", ())
-                for migration in pending(migrations, row[0] if row else None):
-                    for statement in split_statements(migration.sql):
-                        await conn.execute(statement)
-                    await conn.execute(
-                        "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
-                        (migration.version, migration.name, self._clock()),
-                    )
-                await conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    await conn.execute("ROLLBACK")
-                raise
+            await self._writer_thread.call(lambda conn: _migrate(conn, migrations, now))
         except sqlite3.Error as exc:
             raise translate(exc) from exc
 
@@ -137,18 +129,22 @@ class SqliteStore:
         return None if row is None else row[0]
 
     async def _close(self) -> None:
+        """Drain the writer's queue, then close both connections on their threads."""
         try:
             await self._writer.close()
         finally:
-            await self._reader.close()
-            await self._writer_conn.close()
+            try:
+                await self._reader.close()
+            finally:
+                await self._writer_thread.close()
 
     async def _write(self, op: Op[T]) -> T:
         return await self._writer.submit(op)
 
     async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(connection, *args)`` on the reader's thread: one trip, however many statements."""
         try:
-            return await fn(self._reader, *args)
+            return await self._reader.call(lambda conn: fn(conn, *args))
         except sqlite3.Error as exc:
             raise translate(exc) from exc
 
@@ -310,18 +306,21 @@ class SqliteStore:
         ))
 
 
-async def _connect(path: Path) -> aiosqlite.Connection:
-    """One connection in autocommit mode (we write BEGIN/COMMIT ourselves), WAL and durable."""
+def _migrate(conn: sqlite3.Connection, migrations: tuple[Migration, ...], now: float) -> None:
+    """Apply the pending migrations in one transaction under the write lock (writer's thread)."""
+    conn.execute("BEGIN IMMEDIATE")
     try:
-        conn = await aiosqlite.connect(path, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise translate(exc) from exc
-    try:
-        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute("PRAGMA synchronous = FULL")
-        await conn.execute("PRAGMA foreign_keys = ON")
-    except sqlite3.Error as exc:
-        await conn.close()
-        raise translate(exc) from exc
-    return conn
+        conn.execute(SCHEMA_VERSION_DDL)
+        row = rows.fetch_one(conn, "SELECT MAX(version) FROM schema_version", ())
+        for migration in pending(migrations, row[0] if row else None):
+            for statement in split_statements(migration.sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, now),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
