@@ -95,7 +95,7 @@ class _Call:
     mutating: bool
     lease: Lease | None = None
     entry: LedgerEntry | None = None
-    stamped: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    stamped: CIMultiDict[str] | None = None
     """Headers a reconcile stamp adds to the upstream request."""
     refreshed: bool = False
     transient_tries: int = 0
@@ -195,6 +195,7 @@ class Proxy:
             call.entry = LedgerEntry(self.service.store, claim, outcome.action)
             rule = call.route.policy.reconcile_for(call.method, call.url.path)
             if rule is not None and call.body.replayable:
+                call.stamped = CIMultiDict()
                 call.body = RequestBody(stamp_request(rule, call.body.data, call.stamped, key))
             return None
         raise ReconcileRequired("the action's outcome is still unknown", idempotency_key=key)
@@ -226,7 +227,8 @@ class Proxy:
         headers = upstream_headers(call.request.headers, lease.access_token)
         if policy.idempotency_header and idempotency_key:
             headers[policy.idempotency_header] = idempotency_key
-        headers.update(call.stamped)
+        if call.stamped:
+            headers.update(call.stamped)
         body = call.body
         while True:
             headers["Authorization"] = f"Bearer {call.lease.access_token}"  # may be refreshed
