@@ -124,6 +124,7 @@ async def _recovery(app: web.Application) -> AsyncIterator[None]:
             and not _is_loopback_host(settings.host),
         )
         yield
+        await app[PROXY].drain()
     finally:
         for source in sources.values():
             await source.close()

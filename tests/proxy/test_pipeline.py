@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
@@ -472,3 +473,24 @@ def _mail(key: str) -> dict[str, Any]:
             ],
         }
     }
+
+
+async def test_ledger_writes_are_drained_before_shutdown(
+    sidecar_factory: SidecarFactory, echo: Echo, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async with sidecar_factory(echo) as sidecar:
+
+        async def post(n: int) -> int:
+            async with http.post(
+                sidecar.proxy("conn_echo", f"items/{n}"), json={"n": n},
+                headers={"Revive-Action": f"create-{n}"},
+            ) as resp:
+                return resp.status
+
+        assert await asyncio.gather(*(post(n) for n in range(40))) == [200] * 40
+    # The sidecar has stopped: every answer the workers got is on record, none in flight.
+    def states() -> list[str]:
+        with sqlite3.connect(tmp_path / "data" / "revive.db") as conn:
+            return [row[0] for row in conn.execute("SELECT state FROM actions")]
+
+    assert await asyncio.to_thread(states) == ["committed"] * 40

@@ -70,8 +70,7 @@ async def test_run_7f2_dead_grant_recovers_the_same_run_with_one_mail(story: Sto
 
     sent = await story.send_briefing(new_token)
     assert sent.status == 202, sent.text
-    case = await story.case(case_id)
-    assert case["state"] == "closed"
+    case = await story.case_reaching(case_id, "closed")
     assert [t["to_state"] for t in case["transitions"]] == [
         "open", "reconnected", "ready", "resumed", "closed"
     ]

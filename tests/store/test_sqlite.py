@@ -13,7 +13,9 @@ import pytest
 
 from revive.errors import ConfigError, Fenced
 from revive.store import ClaimRequest, SqliteStore, StoreUnavailable, open_store
+from revive.store import migrate
 from revive.store.factory import sqlite_path
+from revive.store.migrate import MIGRATIONS
 
 OWNER = "sidecar-a"
 
@@ -61,16 +63,33 @@ async def test_commits_are_durable(tmp_path: Path) -> None:
 
 async def test_migrations_are_applied_once(tmp_path: Path) -> None:
     path = tmp_path / "revive.db"
+    latest = len(MIGRATIONS)
+    async with SqliteStore.open(path) as store:
+        assert await store.schema_version() == latest
+        await prepared(store)
+        await store.claim(req("key_1"))
+    async with SqliteStore.open(path) as store:  # a restart: nothing re-applied, nothing lost
+        assert await store.schema_version() == latest
+        assert (await store.get_action("key_1")) is not None
+    sql = "SELECT version, name FROM schema_version ORDER BY version"
+    async with aiosqlite.connect(path) as conn, conn.execute(sql) as cursor:
+        assert list(await cursor.fetchall()) == [(i + 1, n) for i, n in enumerate(MIGRATIONS)]
+
+
+async def test_an_older_database_is_upgraded_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "revive.db"
+    monkeypatch.setattr(migrate, "MIGRATIONS", MIGRATIONS[:1])
     async with SqliteStore.open(path) as store:
         assert await store.schema_version() == 1
         await prepared(store)
         await store.claim(req("key_1"))
-    async with SqliteStore.open(path) as store:  # a restart: nothing re-applied, nothing lost
-        assert await store.schema_version() == 1
+    monkeypatch.undo()
+    async with SqliteStore.open(path) as store:
+        assert await store.schema_version() == len(MIGRATIONS)
         assert (await store.get_action("key_1")) is not None
-    sql = "SELECT version, name FROM schema_version"
-    async with aiosqlite.connect(path) as conn, conn.execute(sql) as cursor:
-        assert list(await cursor.fetchall()) == [(1, "0001_initial.sql")]
+        assert await store.sweep_in_flight(OWNER) == 1  # the partial index serves the sweep
 
 
 async def test_group_commit_batches_concurrent_claims(tmp_path: Path) -> None:

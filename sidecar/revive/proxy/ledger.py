@@ -1,9 +1,11 @@
 """Stage: the action ledger around a mutating request (DESIGN §7).
 
-Claim before forwarding, in the same transaction as the fence check; record what came
-back; replay a committed (or permanently failed) answer instead of sending again. Whatever
-happens in between, the claim is finished: an exception after the request may have left
-marks the action ``unknown``, never leaves it ``in_flight``.
+Claim before forwarding, in the same transaction as the fence check, and wait for it to be
+durable: that is what makes "never sent twice" hold. Record what came back — the worker may
+hear the answer before that record is durable, since a crash in between only leaves the
+claim ``in_flight`` for the restart sweep and reconcile. Replay a committed (or permanently
+failed) answer instead of sending again. Whatever happens, the claim is finished: an
+exception after the request may have left marks the action ``unknown``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
@@ -62,6 +66,27 @@ class LedgerEntry:
         body: bytes | None = None,
         case_id: str | None = None,
     ) -> ActionRow:
+        """Record the outcome and wait until it is durable."""
+        self.action = await self.finish_later(
+            state, status=status, headers=headers, body=body, case_id=case_id
+        )
+        return self.action
+
+    def finish_later(
+        self,
+        state: FinishState,
+        *,
+        status: int | None = None,
+        headers: CIMultiDictProxy[str] | None = None,
+        body: bytes | None = None,
+        case_id: str | None = None,
+    ) -> Coroutine[Any, Any, ActionRow]:
+        """Mark the claim finished now; return the store write to await (or run) later.
+
+        Everything the write needs is captured here, so the caller may answer the worker
+        before the write is durable: a crash in between leaves the claim ``in_flight``,
+        which the restarted sidecar sweeps to ``unknown`` and reconcile settles.
+        """
         response = None
         if status is not None and headers is not None and body is not None:
             response = json.dumps(
@@ -72,10 +97,9 @@ class LedgerEntry:
                 }
             )
         self.done = True
-        self.action = await self.store.finish(
+        return self.store.finish(
             self.key, self.request.owner, state, status=status, response=response, case_id=case_id
         )
-        return self.action
 
     async def settle_unfinished(self) -> None:
         """The last word when an exception left the claim open."""

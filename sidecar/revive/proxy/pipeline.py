@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
-from typing import NoReturn
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, NoReturn
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -56,7 +56,7 @@ from revive.recovery.reconcile import stamp_request
 from revive.recovery.service import RecoveryService
 from revive.redact import redact
 from revive.sources import CredentialSource, Lease
-from revive.store import CaseDraft, ClaimRequest, FinishState
+from revive.store import ActionRow, CaseDraft, ClaimRequest, FinishState
 from revive.tokens import CapabilityClaims
 
 log = logging.getLogger("revive.proxy")
@@ -120,6 +120,7 @@ class Proxy:
     owner: str
     loopback_only: bool = True
     sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep)
+    pending: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         connection_id, tail, query = split_raw_path(request.raw_path)
@@ -416,10 +417,28 @@ class Proxy:
         status = resp.status
         state = _ledger_state(status, verdict)
         body = prefix if complete else None
-        action = await entry.finish(state, status=status, headers=resp.headers, body=body)
-        if state == "committed" and action.case_id is not None:
-            await self.service.action_committed(action.case_id, entry.key)
+        write = entry.finish_later(state, status=status, headers=resp.headers, body=body)
+        # The answer goes out while the ledger write commits (see ledger.py for why that
+        # is safe); the write is tracked so a shutdown drains it before the store closes.
+        task = asyncio.create_task(self._record(write, state, entry.key))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
         return await relay(call.request, resp, prefix, complete, location)
+
+    async def _record(
+        self, write: Coroutine[Any, Any, ActionRow], state: FinishState, key: str
+    ) -> None:
+        try:
+            action = await write
+            if state == "committed" and action.case_id is not None:
+                await self.service.action_committed(action.case_id, key)
+        except Exception as exc:  # noqa: BLE001 - the restart sweep settles what this lost
+            log.error("ledger write for %s failed: %s", key, type(exc).__name__)
+
+    async def drain(self) -> None:
+        """Wait for every ledger write still committing (shutdown, before the store closes)."""
+        while self.pending:
+            await asyncio.gather(*list(self.pending), return_exceptions=True)
 
 
 def _ledger_state(status: int, verdict: Verdict | None) -> FinishState:

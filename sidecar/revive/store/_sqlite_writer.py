@@ -80,8 +80,25 @@ def run_batch(conn: sqlite3.Connection, ops: Sequence[Op[Any]]) -> list[Outcome]
     return outcomes
 
 
+def single_write(op: Op[T]) -> Op[T]:
+    """Mark an operation that writes at most once, as its last step (claim, finish).
+
+    SQLite undoes a failed statement by itself, and such an operation raises only before or
+    instead of its one write, so it needs no savepoint: two statements fewer per request.
+    """
+    op.single_write = True  # type: ignore[attr-defined]
+    return op
+
+
 def _run_one(conn: sqlite3.Connection, op: Op[Any]) -> Outcome:
     """Run one operation inside its savepoint; raise only when the whole batch is lost."""
+    if getattr(op, "single_write", False):
+        try:
+            return (True, op(conn))
+        except Exception as exc:  # noqa: BLE001 - delivered to its caller by the writer task
+            if not conn.in_transaction:
+                raise sqlite3.OperationalError(f"transaction lost: {exc}") from exc
+            return (False, _domain_error(exc))
     conn.execute("SAVEPOINT op")
     outcome: Outcome
     try:
@@ -90,13 +107,17 @@ def _run_one(conn: sqlite3.Connection, op: Op[Any]) -> Outcome:
         if not conn.in_transaction:
             raise sqlite3.OperationalError(f"transaction lost: {exc}") from exc
         conn.execute("ROLLBACK TO op")
-        error: BaseException = exc
-        if isinstance(exc, sqlite3.Error):
-            error = translate(exc)
-            error.__cause__ = exc
-        outcome = (False, error)
+        outcome = (False, _domain_error(exc))
     conn.execute("RELEASE op")
     return outcome
+
+
+def _domain_error(exc: Exception) -> BaseException:
+    if isinstance(exc, sqlite3.Error):
+        error = translate(exc)
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -13,7 +13,7 @@ import sqlite3
 from dataclasses import dataclass
 from importlib import resources
 
-MIGRATIONS: tuple[str, ...] = ("0001_initial.sql",)
+MIGRATIONS: tuple[str, ...] = ("0001_initial.sql", "0002_lean_action_indexes.sql")
 """Applied in this order; version = the file's leading number."""
 
 SCHEMA_VERSION_DDL = (

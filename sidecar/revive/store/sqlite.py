@@ -27,7 +27,14 @@ from typing import Any
 from revive.store import _sqlite_ops as ops
 from revive.store import _sqlite_rows as rows
 from revive.store._sqlite_thread import ConnectionThread
-from revive.store._sqlite_writer import GroupCommitWriter, Op, T, WriterStats, translate
+from revive.store._sqlite_writer import (
+    GroupCommitWriter,
+    Op,
+    T,
+    WriterStats,
+    single_write,
+    translate,
+)
 from revive.store.migrate import (
     SCHEMA_VERSION_DDL,
     Migration,
@@ -192,7 +199,9 @@ class SqliteStore:
     # -- action ledger -------------------------------------------------------------------------
 
     async def claim(self, request: ClaimRequest) -> ClaimOutcome:
-        return await self._write(functools.partial(ops.claim, now=self._clock(), req=request))
+        return await self._write(
+            single_write(functools.partial(ops.claim, now=self._clock(), req=request))
+        )
 
     async def finish(
         self, idempotency_key: str, owner: str, state: FinishState,
@@ -201,10 +210,10 @@ class SqliteStore:
         if state not in _FINISH_STATES:
             raise ValueError(f"cannot finish an action as {state!r}")
         _check_response(response)
-        return await self._write(functools.partial(
+        return await self._write(single_write(functools.partial(
             ops.finish, now=self._clock(), key=idempotency_key, owner=owner, state=state,
             status=status, response=response, case_id=case_id,
-        ))
+        )))
 
     async def settle(
         self, idempotency_key: str, outcome: Outcome, evidence: Mapping[str, Any],

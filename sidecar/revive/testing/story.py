@@ -4,6 +4,7 @@ Used by the recovery acceptance tests; the lab's demo drives the same routes."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,15 @@ class Story:
         callback = await self.provider.consent(start.headers["Location"])
         async with self.http.get(callback, allow_redirects=False) as resp:
             return Answer(resp.status, dict(resp.headers), None, await resp.text())
+
+    async def case_reaching(self, case_id: str, state: str, within: float = 5.0) -> dict[str, Any]:
+        """The case once it reaches ``state`` (the close after a commit is recorded async)."""
+        async with asyncio.timeout(within):
+            while True:
+                detail = await self.case(case_id)
+                if detail["state"] == state:
+                    return detail
+                await asyncio.sleep(0.02)
 
     async def case(self, case_id: str) -> dict[str, Any]:
         answer = await self.call("GET", f"/v1/cases/{case_id}", admin=True)
