@@ -156,7 +156,8 @@ class Proxy:
                 claims.run_id, claims.epoch, connection_id, claims.generation
             )
             return await self._forward(call, idempotency_key)
-        key = idempotency_key or derive_idempotency_key(claims.run_id, action_key)
+        assert idempotency_key is not None  # given by the worker or derived above
+        key = idempotency_key
         replayed = await self._claim(call, key)
         if replayed is not None:
             return replayed
