@@ -24,7 +24,9 @@ from revive.classify import Policy, load_policies
 from revive.config import Settings
 from revive.errors import ConfigError
 from revive.proxy.pipeline import Proxy, Route
+from revive.recovery.notify import Notifier, WebhookNotifier
 from revive.recovery.service import Binding, RecoveryService
+from revive.sources.grants import read_secret_file
 from revive.sources import CredentialSource, build_source
 from revive.store import Store, open_store
 from revive.tokens import Keyring
@@ -105,7 +107,11 @@ async def _recovery(app: web.Application) -> AsyncIterator[None]:
         bindings = {
             c.id: Binding(c, policies[c.provider], sources[c.id]) for c in settings.connections
         }
-        service = RecoveryService(store, app[KEYRING], bindings, token_http)
+        service = RecoveryService(
+            store, app[KEYRING], bindings, token_http,
+            notifier=await _notifier(settings, token_http),
+            reconnect_url=settings.reconnect_url,
+        )
         app[SOURCES] = sources
         app[SERVICE] = service
         app[API] = service
@@ -125,10 +131,19 @@ async def _recovery(app: web.Application) -> AsyncIterator[None]:
         )
         yield
         await app[PROXY].drain()
+        await service.drain()
     finally:
         for source in sources.values():
             await source.close()
         await token_http.close()
+
+
+async def _notifier(settings: Settings, http: aiohttp.ClientSession) -> Notifier | None:
+    config = settings.notifier
+    if config is None:
+        return None
+    secret = await read_secret_file(config.secret_file, "notifier secret")
+    return WebhookNotifier(config.url, secret.encode(), http, attempts=config.attempts)
 
 
 def _is_loopback_host(host: str) -> bool:

@@ -103,6 +103,17 @@ class ConnectionConfig(_Model):
         return URL(self.base_url)
 
 
+class WebhookNotifierConfig(_Model):
+    """Signed POSTs when a case opens (with the reconnect link) and when it is ready."""
+
+    kind: Literal["webhook"]
+    url: str
+    secret_file: Path
+    attempts: int = Field(default=5, ge=1, le=20)
+
+    _check_url = field_validator("url")(_http_url)
+
+
 class LimitsConfig(_Model):
     """Bounds on every request so one bad worker cannot exhaust the sidecar."""
 
@@ -133,6 +144,9 @@ class Settings(BaseSettings):
     connections: list[ConnectionConfig] = Field(default_factory=list)
     limits: LimitsConfig = LimitsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    notifier: WebhookNotifierConfig | None = None
+    public_url: str | None = None
+    """Where a human reaches this sidecar, for reconnect links (default: http://LISTEN)."""
     sidecar_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
     """Owner of this sidecar's ledger claims; stable across restarts so it sweeps its own."""
     workers_from_any_address: bool = False
@@ -171,6 +185,11 @@ class Settings(BaseSettings):
     @property
     def store_url(self) -> str:
         return self.store or f"sqlite:///{self.data_dir / 'revive.db'}"
+
+    @property
+    def reconnect_url(self) -> str:
+        base = (self.public_url or f"http://{self.listen}").rstrip("/")
+        return base + "/v1/connections/{connection_id}/connect"
 
     @property
     def admin_token_path(self) -> Path:

@@ -13,8 +13,9 @@ decides which moves are legal; this module decides *when* to make them:
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +33,9 @@ from revive.errors import (
     UpstreamUnavailable,
 )
 from revive.recovery.fences import FenceCache
-from revive.recovery.machine import CaseEvent, CaseState, next_state
+from revive.recovery.machine import CaseEvent, CaseState, TransitionNotAllowed, next_state
+from revive.recovery.notify import CaseNotice
+from revive.recovery.notify import Notifier, NullNotifier
 from revive.recovery.reconcile import Reconciler
 from revive.sources import CredentialSource, OAuth2Source
 from revive.sources.connect import ConnectFlow
@@ -91,6 +94,8 @@ class RecoveryService:
         fences: FenceCache | None = None,
         reconciler: Reconciler | None = None,
         connect: ConnectFlow | None = None,
+        notifier: Notifier | None = None,
+        reconnect_url: str | None = None,
     ) -> None:
         self.store = store
         self.keyring = keyring
@@ -101,6 +106,10 @@ class RecoveryService:
         self.fences = fences or FenceCache(store)
         self.reconciler = reconciler or Reconciler()
         self.connect = connect or ConnectFlow()
+        self.notifier: Notifier = notifier or NullNotifier()
+        self.reconnect_url = reconnect_url
+        """``{connection_id}`` template of the page a human opens to reconnect."""
+        self.pending: set[asyncio.Task[None]] = set()
 
     def binding(self, connection_id: str) -> Binding:
         found = self.bindings.get(connection_id)
@@ -159,7 +168,41 @@ class RecoveryService:
                 case.case_id, case.run_id, case.connection_id, case.generation,
                 case.provider_code,
             )
+            self._background(self._announce_opened(case))
         return case
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Notifications never hold up the worker's answer; shutdown drains them."""
+        task = asyncio.create_task(work)
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def drain(self) -> None:
+        while self.pending:
+            await asyncio.gather(*list(self.pending), return_exceptions=True)
+
+    async def _announce_opened(self, case: CaseRow) -> None:
+        if isinstance(self.notifier, NullNotifier):
+            return
+        url = self.reconnect_url.format(connection_id=case.connection_id) if self.reconnect_url else None
+        delivered = await self.notifier.notify(_event("case.opened", case, reconnect_url=url))
+        if delivered:
+            try:
+                await self._move(case, CaseEvent.NOTIFIED, "notifier", {"reconnect_url": url})
+            except (ConflictError, TransitionNotAllowed):
+                pass  # the reconnect came first: nothing left to announce
+
+    async def _announce_ready(self, case: CaseRow) -> None:
+        """Hand the runtime a recovery capability so the same run can resume."""
+        if isinstance(self.notifier, NullNotifier):
+            return
+        try:
+            minted = await self.issue_recovery_capability(case.case_id, "notifier")
+        except (BadRequest, NotFound):
+            return  # moved on (abandoned, redeemed) before we got here
+        await self.notifier.notify(
+            _event("case.ready", case, capability=minted.token, outcome=case.outcome)
+        )
 
     async def _move(
         self, case: CaseRow, event: CaseEvent, actor: str, evidence: Mapping[str, Any],
@@ -227,6 +270,7 @@ class RecoveryService:
             if case.state == CaseState.RECONNECTED:
                 case = await self._reconcile_case(binding, case)
                 advanced.append(case)
+                self._background(self._announce_ready(case))
         return advanced
 
     async def _probe(self, binding: Binding) -> dict[str, Any]:
@@ -392,6 +436,20 @@ class RecoveryService:
             )
         except ConflictError:
             pass  # closed concurrently
+
+
+def _event(
+    kind: Literal["case.opened", "case.ready"],
+    case: CaseRow,
+    *,
+    reconnect_url: str | None = None,
+    capability: str | None = None,
+    outcome: str | None = None,
+) -> CaseNotice:
+    return CaseNotice(
+        kind, case.case_id, case.run_id, case.connection_id, case.checkpoint_id,
+        case.action_key, case.provider_code, case.workflow, reconnect_url, capability, outcome,
+    )
 
 
 def _outcome(action: ActionRow | None) -> str:
