@@ -14,7 +14,9 @@ the backend reports them), then, last on stdout, one JSON line::
     {"sqlite": {"c1": {"pairs_per_s": ..., "p50_ms": ..., "p99_ms": ...}, "c16": {...}},
      "postgres": null}
 
-``postgres`` stays ``null`` until that backend exists; it will be measured the same way.
+``postgres`` is measured the same way when ``--postgres-url`` (default: the machine's server,
+``postgresql://postgres@127.0.0.1:5432/test``) answers, each case on a fresh schema dropped
+afterwards; it stays ``null`` when the server is unreachable.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "sidecar"))
 
+import asyncpg  # noqa: E402
+
 from revive.store import ClaimRequest, SqliteStore, Store  # noqa: E402
+from revive.store.postgres import PostgresStore  # noqa: E402
 
 CONCURRENCY = {"c1": 1, "c16": 16}
 OWNER = "bench-sidecar"
@@ -82,6 +87,35 @@ def percentile(sorted_values: list[float], q: float) -> float:
 async def open_sqlite(directory: Path) -> AsyncIterator[Store]:
     async with SqliteStore.open(directory / "revive.db") as store:
         yield store
+
+
+def open_postgres(url: str) -> Callable[[Path], Any]:
+    """An opener of a store on a fresh schema of ``url``, dropped when the store closes."""
+
+    @asynccontextmanager
+    async def opener(_: Path) -> AsyncIterator[Store]:
+        schema = f"revive_bench_{uuid.uuid4().hex[:12]}"
+        try:
+            async with PostgresStore.open(url, schema=schema, pool_size=16) as store:
+                yield store
+        finally:
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+    return opener
+
+
+async def postgres_reachable(url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(url, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        say(f"postgres: skipped, {url} unreachable ({type(exc).__name__}: {exc})")
+        return False
+    await conn.close()
+    return True
 
 
 async def writer(store: Store, index: int, deadline: float, latencies: list[float]) -> None:
@@ -161,6 +195,14 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, Result]]:
         say(f"sqlite {case}: {writers} writer(s), {args.warmup:g} s warm-up,"
             f" {args.duration:g} s measured")
         results["sqlite"][case] = await measure(open_sqlite, writers, args.duration, args.warmup)
+    if await postgres_reachable(args.postgres_url):
+        results["postgres"] = {}
+        for case, writers in CONCURRENCY.items():
+            say(f"postgres {case}: {writers} writer(s), {args.warmup:g} s warm-up,"
+                f" {args.duration:g} s measured")
+            results["postgres"][case] = await measure(
+                open_postgres(args.postgres_url), writers, args.duration, args.warmup
+            )
     return results
 
 
@@ -173,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of warm-up per case (default 1, --quick 0.3)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop (default uvloop, as `revive serve` uses)")
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test",
+                        help="PostgreSQL server to measure (a fresh schema per case)")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     if args.duration is None:
@@ -199,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         backend: {case: r.as_json() for case, r in cases.items()}
         for backend, cases in results.items()
     }
-    summary["postgres"] = None
+    summary.setdefault("postgres", None)
     print(json.dumps(summary))
     return 0
 

@@ -326,13 +326,14 @@ async def test_settle_not_committed_allows_a_new_attempt(store: Store, world: Wo
 
 
 async def test_sweep_touches_only_its_owners_in_flight_rows(store: Store, world: World) -> None:
+    me = world.key(OWNER)  # other tests' OWNER rows may share the database
     before = await store.count_actions("unknown")
-    await store.claim(claim_req(world, world.key("mine_1")))
-    await store.claim(claim_req(world, world.key("mine_2")))
-    await store.claim(claim_req(world, world.key("mine_done")))
-    await store.finish(world.key("mine_done"), OWNER, "committed", status=200)
+    await store.claim(claim_req(world, world.key("mine_1"), owner=me))
+    await store.claim(claim_req(world, world.key("mine_2"), owner=me))
+    await store.claim(claim_req(world, world.key("mine_done"), owner=me))
+    await store.finish(world.key("mine_done"), me, "committed", status=200)
     await store.claim(claim_req(world, world.key("theirs"), owner="sidecar-b"))
-    assert await store.sweep_in_flight(OWNER) == 2
+    assert await store.sweep_in_flight(me) == 2
     states = {a.idempotency_key: a.state for a in await store.list_actions(world.run_id)}
     assert states == {
         world.key("mine_1"): "unknown",
@@ -341,7 +342,7 @@ async def test_sweep_touches_only_its_owners_in_flight_rows(store: Store, world:
         world.key("theirs"): "in_flight",
     }
     assert await store.count_actions("unknown") - before == 2
-    assert await store.sweep_in_flight(OWNER) == 0
+    assert await store.sweep_in_flight(me) == 0
 
 
 async def test_list_and_count_actions(store: Store, world: World, new_id: NewId) -> None:

@@ -233,7 +233,7 @@ def test_sqlite_url_paths(url: str, expected: Path) -> None:
 
 @pytest.mark.parametrize(
     "url", ["sqlite://host/x.db", "sqlite:///:memory:", "sqlite://", "mysql://db/x",
-            "postgresql://user@host/db"],
+            "postgresql://user@host/db?schema=not-a-name", "postgres://host/db?pool_size=0"],
 )
 async def test_unusable_store_urls_fail_at_start_up(url: str) -> None:
     with pytest.raises(ConfigError) as refused:

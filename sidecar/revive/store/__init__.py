@@ -22,6 +22,7 @@ from revive.store.models import (
     StoreUnavailable,
     TransitionRow,
 )
+from revive.store.postgres import PostgresStore
 from revive.store.sqlite import SqliteStore
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "ConnectionRow",
     "FinishState",
     "Outcome",
+    "PostgresStore",
     "RedeemResult",
     "RunRow",
     "SqliteStore",

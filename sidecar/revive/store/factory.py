@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from revive.errors import ConfigError
 from revive.store.base import Store
+from revive.store.postgres import PostgresStore
 from revive.store.sqlite import SqliteStore
 
 
@@ -34,10 +35,11 @@ async def open_store(url: str) -> AsyncIterator[Store]:
     """Open, migrate and finally close the store the URL names.
 
     Args:
-        url: ``sqlite:///path`` (the default) or ``postgresql://...``.
+        url: ``sqlite:///path`` (the default) or ``postgresql://...`` (also ``postgres://``;
+            ``?schema=NAME&pool_size=N`` besides libpq's parameters, see ``PostgresStore.open``).
 
     Raises:
-        ConfigError: unknown scheme, a malformed URL, or a backend not available yet.
+        ConfigError: unknown scheme or a malformed URL.
         StoreUnavailable: the database cannot be opened or migrated.
     """
     scheme = urlsplit(url).scheme
@@ -46,8 +48,7 @@ async def open_store(url: str) -> AsyncIterator[Store]:
             async with SqliteStore.open(sqlite_path(url)) as store:
                 yield store
         case "postgresql" | "postgres":
-            raise ConfigError(
-                "store", "store", "PostgreSQL store arrives with the shared-store issue"
-            )
+            async with PostgresStore.open(url) as store:
+                yield store
         case _:
             raise ConfigError("store", "store", f"unsupported store URL scheme {scheme!r}")
