@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 
 import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
+
+from revive.testing.postgres import (
+    POSTGRES_URL,
+    drop_schema,
+    new_schema,
+    require_postgres,
+    with_schema,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -25,5 +34,27 @@ def clean_environ() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def blockbuster() -> Iterator[BlockBuster | None]:
     """Fail any test in which the event loop makes a blocking call (DESIGN §9)."""
-    with blockbuster_ctx("revive") as bb:
+    # revive.testing holds test scaffolding (fixtures, fakes), not code that serves requests.
+    with blockbuster_ctx("revive", excluded_modules=["revive.testing"]) as bb:
         yield bb
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A store URL on this session's own fresh schema, dropped when the session ends.
+
+    Synchronous on purpose: each test has its own event loop, this fixture outlives them all.
+    """
+    require_postgres()
+    schema = new_schema()
+    yield with_schema(POSTGRES_URL, schema)
+    asyncio.run(drop_schema(POSTGRES_URL, schema))
+
+
+@pytest.fixture
+def fresh_schema() -> Iterator[str]:
+    """A schema name no store has used yet, dropped after the test (for migration tests)."""
+    require_postgres()
+    schema = new_schema()
+    yield schema
+    asyncio.run(drop_schema(POSTGRES_URL, schema))

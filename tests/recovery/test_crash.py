@@ -9,42 +9,18 @@ answered from the ledger and the mail is not sent twice.
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import sqlite3
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
-import yaml
 
 from revive.lab.settings import LAB_CONNECTION, lab_settings
 from revive.testing.provider import running_provider
+from revive.testing.process import sidecar_process, write_config
 from revive.testing.story import briefing
 
-URL = re.compile(r"(http://127\.0\.0\.1:\d+)")
 SEND = {"Revive-Action": "send-briefing", "Revive-Checkpoint": "chk-send"}
-
-
-@asynccontextmanager
-async def sidecar_process(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "revive.cli", "serve", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(30):
-            line = (await proc.stdout.readline()).decode()
-        found = URL.search(line)
-        assert found, line
-        yield proc, found.group(1)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
 
 
 def _action_states(db: Path) -> list[str]:
@@ -58,9 +34,7 @@ async def test_sigkill_between_provider_commit_and_ledger(tmp_path: Path) -> Non
         settings = await asyncio.to_thread(
             lab_settings, tmp_path / "data", provider.url, refresh_token=grant["refresh_token"]
         )
-        config = tmp_path / "revive.yaml"
-        document = settings.model_dump(mode="json", exclude_none=True)
-        await asyncio.to_thread(config.write_text, yaml.safe_dump(document))
+        config = await asyncio.to_thread(write_config, settings, tmp_path / "revive.yaml")
         db = tmp_path / "data" / "revive.db"
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:

@@ -18,7 +18,7 @@ from revive.store import ClaimRequest, StoreUnavailable, open_store
 from revive.store._pg_connect import parse_url
 from revive.store.migrate import MIGRATIONS
 from revive.store.postgres import PostgresStore
-from tests.store.conftest import POSTGRES_URL, with_schema
+from revive.testing.postgres import POSTGRES_URL, with_schema
 from tests.store.test_conformance import World, draft, ready_case_from_open
 
 

@@ -18,7 +18,6 @@ from typing import Any, Literal, Protocol
 
 from revive.recovery.service import Minted, Redemption
 from revive.store.models import ActionRow, CaseRow, RunRow, TransitionRow
-from revive.tokens import CapabilityClaims
 
 __all__ = ["Minted", "RecoveryApi", "Redemption"]
 
