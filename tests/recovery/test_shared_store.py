@@ -129,3 +129,37 @@ async def test_fifty_redemptions_over_two_sidecars_one_wins(
             ))
         statuses = sorted(status for status, _ in answers)
         assert statuses == [200] + [401] * 49
+
+
+async def test_a_running_sidecar_sees_another_ones_redemption_within_a_second(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Reads are fenced from a per-sidecar cache (1 s TTL); it must not outlive a recovery."""
+    async with running_provider() as provider, aiohttp.ClientSession() as http:
+        config = await _config(tmp_path, provider, postgres_url)
+        async with sidecar_process(config) as (_, a), sidecar_process(config) as (_, b):
+            admin = {"Authorization": f"Bearer {await _admin_token(tmp_path)}"}
+            status, minted = await _json(
+                http, "POST", f"{a}/v1/runs/run_cache/capabilities",
+                json={"connection_id": LAB_CONNECTION, "checkpoint_id": "c", "epoch": 1},
+            )
+            old = {"Authorization": f"Bearer {minted['capability']}"}
+            status, _ = await _json(http, "GET", f"{a}/proxy/{LAB_CONNECTION}/v1.0/me", headers=old)
+            assert status == 200  # A now holds epoch 1 in its fence cache
+            await provider.fault("kill_grant")
+            status, problem = await _json(
+                http, "POST", f"{a}/proxy/{LAB_CONNECTION}/v1.0/me/sendMail", json=briefing(),
+                headers={**old, **SEND},
+            )
+            await _reconnect(http, b, provider)
+            status, issued = await _json(
+                http, "POST", f"{b}/v1/cases/{problem['case_id']}/capability",
+                json={}, headers=admin,
+            )
+            status, redeemed = await _json(http, "POST", f"{b}/v1/capabilities/redeem",
+                                           json={"capability": issued["capability"]})
+            assert status == 200
+            await asyncio.sleep(1.1)
+            status, body = await _json(http, "GET", f"{a}/proxy/{LAB_CONNECTION}/v1.0/me",
+                                       headers=old)
+            assert status == 409 and body["type"] == "urn:revive:fenced"
