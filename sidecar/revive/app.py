@@ -10,11 +10,13 @@ from __future__ import annotations
 import gc
 import ipaddress
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from revive.api.auth import AdminAuth
 from revive.api.problems import not_found, with_problems
@@ -22,7 +24,8 @@ from revive.api.routes import add_routes
 from revive.api.service import RecoveryApi
 from revive.classify import Policy, load_policies
 from revive.config import Settings
-from revive.errors import ConfigError
+from revive.errors import ConfigError, ReviveError
+from revive.metrics import Metrics
 from revive.proxy.pipeline import Proxy, Route
 from revive.recovery.notify import Notifier, WebhookNotifier
 from revive.recovery.service import Binding, RecoveryService
@@ -38,6 +41,7 @@ SOURCES = web.AppKey("sources", dict[str, CredentialSource])
 STORE = web.AppKey("store", Store)
 KEYRING = web.AppKey("keyring", Keyring)
 SERVICE = web.AppKey("service", RecoveryService)
+METRICS = web.AppKey("metrics", Metrics)
 API = web.AppKey[RecoveryApi]("api")
 ADMIN = web.AppKey("admin", AdminAuth)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
@@ -111,6 +115,7 @@ async def _recovery(app: web.Application) -> AsyncIterator[None]:
             store, app[KEYRING], bindings, token_http,
             notifier=await _notifier(settings, token_http),
             reconnect_url=settings.reconnect_url,
+            metrics=app[METRICS],
         )
         app[SOURCES] = sources
         app[SERVICE] = service
@@ -125,6 +130,7 @@ async def _recovery(app: web.Application) -> AsyncIterator[None]:
             limits=settings.limits,
             service=service,
             owner=settings.sidecar_id,
+            metrics=app[METRICS],
             # A loopback listener cannot be reached from elsewhere: skip the per-request check.
             loopback_only=not settings.workers_from_any_address
             and not _is_loopback_host(settings.host),
@@ -160,7 +166,40 @@ def _proxy_handler(request: web.Request) -> Awaitable[web.StreamResponse]:
 
 @with_problems
 async def _healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers. Nothing else is checked (a restart would not help)."""
     return web.json_response({"status": "ok"})
+
+
+@with_problems
+async def _readyz(request: web.Request) -> web.Response:
+    """Ready: the store answers, the signing keys are loaded, the policies are valid."""
+    app = request.app
+    checks: dict[str, str] = {"policies": f"{len(app[POLICIES])} loaded"}
+    ready = True
+    if SERVICE not in app:
+        checks["service"] = "starting"
+        ready = False
+    else:
+        try:
+            await app[STORE].ping()
+            checks["store"] = "ok"
+        except ReviveError as exc:
+            checks["store"] = type(exc).__name__
+            ready = False
+        checks["keys"] = f"signing with {app[KEYRING].signer_kid[:8]}"
+    return web.json_response(
+        {"status": "ready" if ready else "unavailable", "checks": checks},
+        status=200 if ready else 503,
+    )
+
+
+@with_problems
+async def _metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    if STORE in request.app:
+        cases = await request.app[STORE].list_cases(open_only=True)
+        metrics.open_cases = dict(Counter(case.state for case in cases))
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def create_app(settings: Settings, policies: dict[str, Policy] | None = None) -> web.Application:
@@ -171,10 +210,13 @@ def create_app(settings: Settings, policies: dict[str, Policy] | None = None) ->
     """
     app = web.Application(client_max_size=settings.limits.max_request_bytes)
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
     app[POLICIES] = policies if policies is not None else resolve_policies(settings)
     app.cleanup_ctx.extend([_upstream_session, _store, _keyring, _recovery])
     app.router.add_route("*", PROXY_ROUTE, _proxy_handler)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
     add_routes(app, API, ADMIN, loopback_only=not settings.workers_from_any_address)
     app.router.add_route("*", "/{tail:.*}", not_found)  # last: everything unmatched
     return app

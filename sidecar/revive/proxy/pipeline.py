@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from revive.errors import (
     CapabilityInvalid,
     CredentialError,
     DeadGrant,
+    ProblemError,
     OutcomeUnknown,
     ReconcileRequired,
     RecoveryRequired,
@@ -44,6 +46,7 @@ from revive.errors import (
     UpstreamUnavailable,
     problem_for_credential_error,
 )
+from revive.metrics import Metrics
 from revive.proxy.backoff import backoff_delay
 from revive.proxy.body import EMPTY_BODY, RequestBody, read_body
 from revive.proxy.forward import NoAnswer, NotSent, send
@@ -83,6 +86,8 @@ class Route:
 class _Call:
     """One proxied request across its attempts: who asks, what for, and how far it got."""
 
+    outcome: list[str]
+    """Shared with ``handle``: the failure class (or ``replayed``) it counts the request by."""
     request: web.Request
     route: Route
     claims: CapabilityClaims
@@ -121,8 +126,22 @@ class Proxy:
     loopback_only: bool = True
     sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep)
     pending: set[asyncio.Task[None]] = field(default_factory=set)
+    metrics: Metrics = field(default_factory=Metrics)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """One proxied request, counted by connection, outcome and status."""
+        outcome: list[str] = ["ok"]
+        try:
+            response = await self._handle(request, outcome)
+        except ProblemError as exc:
+            self.metrics.request(
+                request.match_info.get("connection_id", "?"), exc.type[11:], exc.status
+            )
+            raise
+        self.metrics.request(request.match_info["connection_id"], outcome[0], response.status)
+        return response
+
+    async def _handle(self, request: web.Request, outcome: list[str]) -> web.StreamResponse:
         connection_id, tail, query = split_raw_path(request.raw_path)
         route = self.routes.get(connection_id)
         if route is None:
@@ -143,7 +162,7 @@ class Proxy:
             idempotency_key = derive_idempotency_key(claims.run_id, action_key)
         body = await read_body(request, self.limits) if request.body_exists else EMPTY_BODY
         call = _Call(
-            request, route, claims, method, url,
+            outcome, request, route, claims, method, url,
             action_key or f"{method} {url.path}",
             headers_in.get("Revive-Checkpoint") or claims.checkpoint_id,
             body,
@@ -193,6 +212,7 @@ class Proxy:
                     raise
                 continue
             if outcome.kind == "replay":
+                call.outcome[0] = "replayed"
                 return replay(outcome.action, call.route.policy, call.method, call.url.path)
             call.entry = LedgerEntry(self.service.store, claim, outcome.action)
             rule = call.route.policy.reconcile_for(call.method, call.url.path)
@@ -236,6 +256,7 @@ class Proxy:
             headers["Authorization"] = f"Bearer {call.lease.access_token}"  # may be refreshed
             if call.entry is not None:
                 call.entry.sent = True
+            started = time.monotonic()
             try:
                 resp = await send(self.session, call.method, call.url, headers, body.payload())
             except NotSent:
@@ -255,6 +276,7 @@ class Proxy:
                         idempotency_key=call.entry.key if call.entry else None,
                     ) from None
                 raise (UpstreamTimeout if exc.timed_out else UpstreamUnavailable)(str(exc)) from None
+            self.metrics.upstream(route.connection.id, time.monotonic() - started)
             answer = await self._act(call, resp)
             if answer is not None:
                 return answer
@@ -269,6 +291,7 @@ class Proxy:
                 resp.close()  # the redirect body is never relayed when we refuse it
             return await self._relay(call, resp, b"", True)
         if status < 300 and not policy.inspect_success_bodies:
+            call.outcome[0] = "ok"  # what a retry ended in, not what it began with
             return await self._relay(call, resp, b"", False)
         limit = self.limits.classify_read_bytes
         try:
@@ -281,6 +304,7 @@ class Proxy:
         inflated = inflate_for_classifier(prefix, resp.headers.get("Content-Encoding"), limit)
         verdict = policy.classify(Phase.API_CALL, status, resp.headers, inflated)
         klass = verdict.failure_class
+        call.outcome[0] = klass.value
         if klass is FailureClass.REFRESHABLE and not call.refreshed and call.body.replayable:
             return await self._refresh(call, verdict, resp, prefix, complete)
         if klass is FailureClass.TRANSIENT:
@@ -313,11 +337,14 @@ class Proxy:
     ) -> web.StreamResponse | None:
         assert call.lease is not None
         stale = call.lease
+        connection_id = call.route.connection.id
         try:
             fresh = await call.route.source.refresh(stale, claims=verdict.claims)
         except CredentialError as exc:
+            self.metrics.refreshes[(connection_id, exc.failure_class)] += 1
             resp.close()
             await self._credential_failed(call, exc)
+        self.metrics.refreshes[(connection_id, "ok")] += 1
         call.refreshed = True
         if fresh.access_token == stale.access_token and verdict.claims is None:
             # Nothing new to try: the rejection stands, relay it as the provider sent it.
@@ -396,6 +423,7 @@ class Proxy:
             cap=retry.max_backoff_s,
             retry_after=retry_after if retry.honour_retry_after else None,
         )
+        self.metrics.retries[call.route.connection.id] += 1
         await self.sleep(delay)
         return True
 

@@ -29,9 +29,11 @@ from revive.errors import (
     CredentialError,
     Fenced,
     NotFound,
+    ProblemError,
     RecoveryRequired,
     UpstreamUnavailable,
 )
+from revive.metrics import Metrics
 from revive.recovery.fences import FenceCache
 from revive.recovery.machine import CaseEvent, CaseState, TransitionNotAllowed, next_state
 from revive.recovery.notify import CaseNotice
@@ -96,6 +98,7 @@ class RecoveryService:
         connect: ConnectFlow | None = None,
         notifier: Notifier | None = None,
         reconnect_url: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.keyring = keyring
@@ -110,6 +113,7 @@ class RecoveryService:
         self.reconnect_url = reconnect_url
         """``{connection_id}`` template of the page a human opens to reconnect."""
         self.pending: set[asyncio.Task[None]] = set()
+        self.metrics = metrics or Metrics()
 
     def binding(self, connection_id: str) -> Binding:
         found = self.bindings.get(connection_id)
@@ -163,6 +167,7 @@ class RecoveryService:
         case, created = await self.store.open_case(draft)
         self.fences.forget_connection(draft.connection_id)
         if created:
+            self.metrics.cases_opened[case.connection_id] += 1
             log.warning(
                 "recovery case %s opened: run %s, connection %s, generation %s, code %s",
                 case.case_id, case.run_id, case.connection_id, case.generation,
@@ -401,14 +406,19 @@ class RecoveryService:
 
     async def redeem(self, token: str, actor: str = "worker") -> Redemption:
         """Burn a recovery capability, bump the run's epoch, hand back a run capability."""
-        claims = self.verifier.verify(token, typ="recovery")
-        assert claims.case_id is not None  # the verifier requires cid on recovery tokens
-        conn = await self.store.get_connection(claims.connection_id)
-        if conn is None or conn.generation != claims.generation:
-            raise Fenced("the grant changed again after this capability was issued")
-        result = await self.store.redeem(
-            claims.jti, claims.exp, claims.case_id, claims.run_id, claims.epoch - 1, actor
-        )
+        try:
+            claims = self.verifier.verify(token, typ="recovery")
+            assert claims.case_id is not None  # the verifier requires cid on recovery tokens
+            conn = await self.store.get_connection(claims.connection_id)
+            if conn is None or conn.generation != claims.generation:
+                raise Fenced("the grant changed again after this capability was issued")
+            result = await self.store.redeem(
+                claims.jti, claims.exp, claims.case_id, claims.run_id, claims.epoch - 1, actor
+            )
+        except ProblemError as exc:
+            self.metrics.redemptions[exc.type[11:]] += 1
+            raise
+        self.metrics.redemptions["ok"] += 1
         self.fences.forget_run(claims.run_id)
         case = result.case
         if result.action is not None and result.action.state == "committed":
