@@ -46,6 +46,7 @@ from revive.errors import (
     UpstreamUnavailable,
     problem_for_credential_error,
 )
+from revive.logs import bind_request
 from revive.metrics import Metrics
 from revive.proxy.backoff import backoff_delay
 from revive.proxy.body import EMPTY_BODY, RequestBody, read_body
@@ -149,6 +150,7 @@ class Proxy:
         if self.loopback_only and not _is_loopback(request.remote or ""):
             raise BadRequest("worker routes answer only on loopback")
         claims = self._authenticate(request, connection_id)
+        bind_request(request.headers.get("traceparent"), connection_id, claims.run_id)
         url = upstream_url(route.base, tail, query)
         policy = route.policy
         method = request.method

@@ -171,7 +171,7 @@ class RecoveryService:
             log.warning(
                 "recovery case %s opened: run %s, connection %s, generation %s, code %s",
                 case.case_id, case.run_id, case.connection_id, case.generation,
-                case.provider_code,
+                case.provider_code, extra={"case_id": case.case_id, "run_id": case.run_id},
             )
             self._background(self._announce_opened(case))
         return case
@@ -214,9 +214,14 @@ class RecoveryService:
         **fields: Any,
     ) -> CaseRow:
         target = next_state(case.state, event)
-        return await self.store.transition(
+        moved = await self.store.transition(
             case.case_id, case.state, target.value, actor, dict(evidence), **fields
         )
+        log.info(
+            "case %s: %s -> %s (%s)", case.case_id, case.state, moved.state, actor,
+            extra={"case_id": case.case_id, "run_id": case.run_id},
+        )
+        return moved
 
     async def run_status(self, run_id: str) -> tuple[RunRow, list[CaseRow]]:
         run = await self.store.get_run(run_id)
@@ -401,7 +406,10 @@ class RecoveryService:
             case.run_id, case.connection_id, conn.generation, run.epoch + 1,
             case.checkpoint_id, case.case_id,
         )
-        log.info("recovery capability issued for case %s by %s", case_id, actor)
+        log.info(
+            "recovery capability issued for case %s by %s", case_id, actor,
+            extra={"case_id": case_id, "run_id": case.run_id},
+        )
         return Minted(token, claims)
 
     async def redeem(self, token: str, actor: str = "worker") -> Redemption:

@@ -23,11 +23,19 @@ def write_config(settings: Settings, path: Path) -> Path:
 
 
 @asynccontextmanager
-async def sidecar_process(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """Start ``revive serve --config`` and yield the process and its URL; kill it on exit."""
+async def sidecar_process(
+    config: Path, stderr: Path | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """Start ``revive serve --config`` and yield the process and its URL; kill it on exit.
+
+    Args:
+        stderr: a file to collect the sidecar's log (JSON lines) in; discarded when None.
+    """
+    log = open(stderr, "ab") if stderr is not None else None  # noqa: SIM115 - closed below
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "revive.cli", "serve", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log if log is not None else asyncio.subprocess.DEVNULL,
     )
     try:
         assert proc.stdout is not None
@@ -41,3 +49,5 @@ async def sidecar_process(config: Path) -> AsyncIterator[tuple[asyncio.subproces
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+        if log is not None:
+            log.close()
