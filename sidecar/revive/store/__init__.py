@@ -22,8 +22,16 @@ from revive.store.models import (
     StoreUnavailable,
     TransitionRow,
 )
-from revive.store.postgres import PostgresStore
 from revive.store.sqlite import SqliteStore
+
+def __getattr__(name: str) -> object:
+    # PostgresStore loads asyncpg; only a sidecar configured for PostgreSQL pays for it.
+    if name == "PostgresStore":
+        from revive.store.postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module 'revive.store' has no attribute {name!r}")
+
 
 __all__ = [
     "ActionRow",

@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 
 from revive.errors import ConfigError
 from revive.store.base import Store
-from revive.store.postgres import PostgresStore
 from revive.store.sqlite import SqliteStore
 
 
@@ -48,6 +47,9 @@ async def open_store(url: str) -> AsyncIterator[Store]:
             async with SqliteStore.open(sqlite_path(url)) as store:
                 yield store
         case "postgresql" | "postgres":
+            # Imported here: asyncpg costs an embedded (SQLite) sidecar ~16 MB of RSS.
+            from revive.store.postgres import PostgresStore
+
             async with PostgresStore.open(url) as store:
                 yield store
         case _:
