@@ -202,8 +202,16 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(settings: Settings, policies: dict[str, Policy] | None = None) -> web.Application:
+def create_app(
+    settings: Settings,
+    policies: dict[str, Policy] | None = None,
+    *,
+    lab: web.Application | None = None,
+) -> web.Application:
     """Build the sidecar application (not started).
+
+    Args:
+        lab: the recovery lab / operator console sub-app (``revive.lab.ui``), mounted at /lab/.
 
     Raises:
         ConfigError / PolicyError: the configuration cannot work; nothing was started.
@@ -218,6 +226,8 @@ def create_app(settings: Settings, policies: dict[str, Policy] | None = None) ->
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     add_routes(app, API, ADMIN, loopback_only=not settings.workers_from_any_address)
+    if lab is not None:
+        app.add_subapp("/lab/", lab)
     app.router.add_route("*", "/{tail:.*}", not_found)  # last: everything unmatched
     return app
 

@@ -1,4 +1,5 @@
-"""``revive lab``: the fake provider and a sidecar wired to it, on this machine only.
+"""``revive lab``: the fake provider, a sidecar wired to it and the lab UI at ``/lab/`` (with
+the demo run ``run_7f2``), on this machine only.
 
 ``revive lab provider --port N`` runs the fake provider alone (DESIGN §11).
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import sys
 import tempfile
@@ -13,16 +15,20 @@ from pathlib import Path
 
 import aiohttp
 
+from revive.api.auth import AdminAuth
 from revive.app import create_app, start_site
 from revive.cli.runtime import run, say, wait_for_signal
 from revive.errors import ConfigError, PolicyError
 from revive.lab.provider import start_provider
 from revive.lab.settings import LAB_CONNECTION, lab_settings
+from revive.lab.ui import create_lab_app
 from revive.logs import configure_logging
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("lab", help="start the recovery lab (fake provider + sidecar)")
+    parser = sub.add_parser(
+        "lab", help="start the recovery lab (fake provider + sidecar + demo run + lab UI)"
+    )
     parser.add_argument("--port", type=int, default=8787, help="sidecar port (default 8787)")
     parser.add_argument("--provider-port", type=int, default=0, help="fake provider port")
     parser.add_argument("--policy-dir", type=Path, default=None)
@@ -54,12 +60,22 @@ def _lab(args: argparse.Namespace) -> int:
                 policy_dir=args.policy_dir,
             )
             try:
-                runner, url = await start_site(create_app(settings), settings.host, settings.port)
+                # The lab UI resumes runs server-side with the admin token: make it now (the
+                # sidecar loads the same file at start-up).
+                await AdminAuth.load_or_create(settings.admin_token_path)
+                admin_token = (await asyncio.to_thread(
+                    settings.admin_token_path.read_text, encoding="utf-8"
+                )).strip()
+                app = create_app(settings, lab=create_lab_app(
+                    provider_url=provider_url, admin_token=admin_token, interactive=True,
+                ))
+                runner, url = await start_site(app, settings.host, settings.port)
             except (ConfigError, PolicyError, OSError) as exc:
                 print(f"revive lab: cannot start the sidecar: {exc}", file=sys.stderr)
                 return 2
             say(f"fake provider (Microsoft Entra + Graph) on {provider_url}")
             say(f"  fault control:  {provider_url}/_lab/faults   mails: {provider_url}/_lab/mails")
+            say(f"recovery lab:     {url}/lab/")
             say(f"revive sidecar on {url}")
             say(f"  worker route:   {url}/proxy/{LAB_CONNECTION}/v1.0/me")
             say(f"  data dir:       {data_dir}")
