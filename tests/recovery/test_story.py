@@ -205,3 +205,21 @@ async def test_no_token_in_the_logs_of_a_whole_story(
     for marker in TOKEN_MARKERS:  # ...without a provider token
         assert marker not in text
     assert re.search(r"eyJ[\w-]+\.[\w-]+\.", text) is None  # nor a capability
+
+
+async def test_a_case_opened_by_a_read_closes_at_redemption(story: Story) -> None:
+    token = await story.mint()
+    await story.provider.fault("kill_grant")
+    failed = await story.graph("GET", "v1.0/me/events", token)
+    assert failed.status == 424
+    assert (await story.reconnect()).status == 200
+    issued = await story.call(
+        "POST", f"/v1/cases/{failed.body['case_id']}/capability", admin=True, json={}
+    )
+    redeemed = await story.call(
+        "POST", "/v1/capabilities/redeem", json={"capability": issued.body["capability"]}
+    )
+    assert redeemed.status == 200 and redeemed.body["action"] is None
+    assert (await story.case(failed.body["case_id"]))["state"] == "closed"
+    again = await story.graph("GET", "v1.0/me/events", redeemed.body["capability"])
+    assert again.status == 200

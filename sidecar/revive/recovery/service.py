@@ -434,6 +434,13 @@ class RecoveryService:
                 case, CaseEvent.COMMITTED, "reconciler",
                 {"reason": "found committed by reconcile; reported at redemption"},
             )
+        elif result.action is None:
+            # The grant died on a read: there is no side effect left to commit, and the
+            # resumed run re-reads as it likes. Redemption is the end of the case.
+            case = await self._move(
+                case, CaseEvent.COMMITTED, "worker",
+                {"reason": "no side effect was pending; the run resumed"},
+            )
         run_token, run_claims = self.issuer.mint_run(
             claims.run_id, claims.connection_id, claims.generation, result.epoch,
             claims.checkpoint_id,
