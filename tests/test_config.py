@@ -98,3 +98,32 @@ def test_duplicate_connection_ids_refused(tmp_path: Path) -> None:
     block = text[text.index("  - id:"):]
     with pytest.raises(ConfigError, match="appears twice"):
         load_settings(_write(tmp_path, text + block))
+
+
+@pytest.mark.parametrize(
+    ("source", "kind"),
+    [
+        ("{kind: nango, secret_key_file: /s, connection_id: c1, provider_config_key: ms}", "nango"),
+        ("{kind: auth0, domain_url: 'https://t.eu.auth0.com', client_id: x, "
+         "client_secret_file: /s, connection: google-oauth2, subject_token_file: /t}", "auth0"),
+        ("{kind: vault, address: 'https://vault:8200', path: revive/ms, token_file: /t}", "vault"),
+    ],
+)
+def test_identity_layer_sources_load(tmp_path: Path, source: str, kind: str) -> None:
+    text = (
+        f"data_dir: {tmp_path}\nconnections:\n  - id: c1\n    provider: microsoft\n"
+        f"    base_url: https://graph.microsoft.com\n    source: {source}\n"
+    )
+    settings = load_settings(_write(tmp_path, text))
+    assert settings.connections[0].source.kind == kind
+
+
+def test_vault_source_without_its_auth_input_names_the_field(tmp_path: Path) -> None:
+    text = (
+        f"data_dir: {tmp_path}\nconnections:\n  - id: c1\n    provider: microsoft\n"
+        "    base_url: https://graph.microsoft.com\n"
+        "    source: {kind: vault, address: 'https://vault:8200', path: p, auth: kubernetes}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(_write(tmp_path, text))
+    assert info.value.field == "connections[0].source" and "kubernetes_role" in info.value.reason

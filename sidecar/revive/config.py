@@ -67,7 +67,116 @@ class OAuth2SourceConfig(_Model):
         return None if value is None else _http_url(value)
 
 
-SourceConfig = Annotated[StaticSourceConfig | OAuth2SourceConfig, Field(discriminator="kind")]
+class NangoSourceConfig(BaseModel):
+    """Settings of a connection whose grant lives in Nango.
+
+    Attributes:
+        kind: always ``nango``.
+        base_url: Nango's API (``https://api.nango.dev`` or a self-hosted server).
+        secret_key_file: file holding the environment's secret (API) key.
+        connection_id: Nango's connection id.
+        provider_config_key: Nango's integration id (the "unique key").
+        webhook_secret_file: file holding the webhook signing key; defaults to the secret key
+            (Nango's SDK does the same, but newer environments have a distinct signing key).
+        timeout_seconds: total time allowed for one call to Nango.
+        refresh_skew_seconds: a cached token this close to expiry is fetched again.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["nango"]
+    base_url: str = "https://api.nango.dev"
+    secret_key_file: Path
+    connection_id: str = Field(min_length=1)
+    provider_config_key: str = Field(min_length=1)
+    webhook_secret_file: Path | None = None
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    refresh_skew_seconds: float = Field(default=60.0, ge=0)
+
+class Auth0SourceConfig(BaseModel):
+    """Auth0 Token Vault: exchange the user's Auth0 refresh token for ``connection``'s token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["auth0"]
+    domain_url: str
+    """``https://TENANT.REGION.auth0.com`` (or a custom domain)."""
+    client_id: str
+    client_secret_file: Path
+    connection: str
+    """The Auth0 connection name, e.g. ``google-oauth2``."""
+    subject_token_file: Path
+    """The user's Auth0 refresh token (or access token), read at each exchange."""
+    subject_token_type: str = "urn:ietf:params:oauth:token-type:refresh_token"
+    login_hint: str | None = None
+    refresh_skew_seconds: float = Field(default=60.0, ge=0, le=3600)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+    @field_validator("domain_url")
+    @classmethod
+    def _check_domain(cls, value: str) -> str:
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an absolute http(s) URL such as https://TENANT.auth0.com")
+        if url.user or url.password or url.fragment or url.query_string:
+            raise ValueError("must be a bare base URL (no credentials, query or fragment)")
+        return value
+
+    @property
+    def token_url(self) -> str:
+        return self.domain_url.rstrip("/") + "/oauth/token"
+
+class VaultSourceConfig(BaseModel):
+    """A token kept in HashiCorp Vault's KV v2 engine at ``{mount}/data/{path}``, key ``field``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["vault"]
+    address: str
+    mount: str = "secret"
+    path: str
+    field: str = "access_token"
+    auth: Literal["token", "kubernetes"] = "token"
+    token_file: Path | None = None
+    kubernetes_role: str | None = None
+    kubernetes_jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    kubernetes_mount: str = "kubernetes"
+    namespace: str | None = None
+    """Vault Enterprise namespace, sent as ``X-Vault-Namespace``."""
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an absolute http(s) URL")
+        if url.user or url.password or url.fragment or url.query_string:
+            raise ValueError("must be a bare base URL (no credentials, query or fragment)")
+        return value
+
+    @field_validator("mount", "path", "kubernetes_mount")
+    @classmethod
+    def _check_segment(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value or any(part in ("", ".", "..") for part in value.split("/")):
+            raise ValueError("must be a non-empty Vault path without empty, '.' or '..' parts")
+        return value
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> VaultSourceConfig:
+        if self.auth == "token" and self.token_file is None:
+            raise ValueError("auth 'token' needs token_file")
+        if self.auth == "kubernetes" and not self.kubernetes_role:
+            raise ValueError("auth 'kubernetes' needs kubernetes_role")
+        return self
+
+
+SourceConfig = Annotated[
+    StaticSourceConfig | OAuth2SourceConfig | NangoSourceConfig | Auth0SourceConfig
+    | VaultSourceConfig,
+    Field(discriminator="kind"),
+]
 
 
 class ConnectionConfig(_Model):
@@ -214,12 +323,15 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
+_SOURCE_KINDS = ("static", "oauth2", "nango", "auth0", "vault")
+
+
 def _field_name(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("static", "oauth2") and parts and parts[-1].lstrip(".") == "source":
+        elif item in _SOURCE_KINDS and parts and parts[-1].lstrip(".") == "source":
             continue  # the discriminator tag adds nothing for a reader
         else:
             parts.append(("." if parts else "") + str(item))

@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from revive.errors import CredentialMisconfigured
@@ -84,3 +85,38 @@ async def test_bad_file_is_misconfigured(tmp_path: Path, content: str | None) ->
         await StaticSource("conn_s", path).lease()
     assert str(path) in str(info.value)
     assert CANARY_AT not in str(info.value)
+
+
+class _NoClassifier:
+    def classify(self, phase: str, status: int | None, headers: object, body: object) -> object:
+        raise AssertionError("not used by these sources")
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ({"kind": "nango", "secret_key_file": "/s", "connection_id": "c", "provider_config_key": "p"},
+         "NangoSource"),
+        ({"kind": "auth0", "domain_url": "https://t.auth0.com", "client_id": "x",
+          "client_secret_file": "/s", "connection": "google-oauth2", "subject_token_file": "/t"},
+         "Auth0Source"),
+        ({"kind": "vault", "address": "https://vault:8200", "path": "p", "token_file": "/t"},
+         "VaultSource"),
+    ],
+)
+async def test_factory_builds_each_identity_layer_source(
+    tmp_path: Path, source: dict[str, str], expected: str
+) -> None:
+    from revive.config import ConnectionConfig, Settings
+    from revive.sources import build_source
+
+    conn = ConnectionConfig.model_validate(
+        {"id": "c1", "provider": "microsoft", "base_url": "https://graph.microsoft.com",
+         "source": source}
+    )
+    async with aiohttp.ClientSession() as http:
+        built = build_source(conn, Settings(data_dir=tmp_path), _NoClassifier(), http)  # type: ignore[arg-type]
+        try:
+            assert type(built).__name__ == expected and built.connection_id == "c1"
+        finally:
+            await built.close()

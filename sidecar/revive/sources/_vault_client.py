@@ -17,13 +17,12 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from yarl import URL
 
+from revive.config import VaultSourceConfig
 from revive.errors import CredentialMisconfigured, CredentialUnavailable
 from revive.redact import redact
 from revive.sources.grants import read_secret_file
@@ -33,52 +32,6 @@ log = logging.getLogger("revive.sources.vault")
 
 MAX_ANSWER_BYTES = 256 * 1024
 _RENEW_FRACTION = 2 / 3  # renew the Vault token once this much of its lease has passed
-
-
-class VaultSourceConfig(BaseModel):
-    """A token kept in HashiCorp Vault's KV v2 engine at ``{mount}/data/{path}``, key ``field``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["vault"]
-    address: str
-    mount: str = "secret"
-    path: str
-    field: str = "access_token"
-    auth: Literal["token", "kubernetes"] = "token"
-    token_file: Path | None = None
-    kubernetes_role: str | None = None
-    kubernetes_jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-    kubernetes_mount: str = "kubernetes"
-    namespace: str | None = None
-    """Vault Enterprise namespace, sent as ``X-Vault-Namespace``."""
-    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
-
-    @field_validator("address")
-    @classmethod
-    def _check_address(cls, value: str) -> str:
-        url = URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an absolute http(s) URL")
-        if url.user or url.password or url.fragment or url.query_string:
-            raise ValueError("must be a bare base URL (no credentials, query or fragment)")
-        return value
-
-    @field_validator("mount", "path", "kubernetes_mount")
-    @classmethod
-    def _check_segment(cls, value: str) -> str:
-        value = value.strip("/")
-        if not value or any(part in ("", ".", "..") for part in value.split("/")):
-            raise ValueError("must be a non-empty Vault path without empty, '.' or '..' parts")
-        return value
-
-    @model_validator(mode="after")
-    def _check_auth(self) -> VaultSourceConfig:
-        if self.auth == "token" and self.token_file is None:
-            raise ValueError("auth 'token' needs token_file")
-        if self.auth == "kubernetes" and not self.kubernetes_role:
-            raise ValueError("auth 'kubernetes' needs kubernetes_role")
-        return self
 
 
 def vault_errors(payload: Mapping[str, Any]) -> str | None:

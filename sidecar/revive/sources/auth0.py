@@ -27,13 +27,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Literal
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
+from revive.config import Auth0SourceConfig
 from revive.errors import CredentialError, CredentialMisconfigured, CredentialUnavailable, DeadGrant
 from revive.redact import redact
 from revive.sources.base import Lease, superseded
@@ -72,40 +70,6 @@ _MISCONFIGURED_CODES = frozenset(
         "invalid_scope",
     }
 )
-
-
-class Auth0SourceConfig(BaseModel):
-    """Auth0 Token Vault: exchange the user's Auth0 refresh token for ``connection``'s token."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["auth0"]
-    domain_url: str
-    """``https://TENANT.REGION.auth0.com`` (or a custom domain)."""
-    client_id: str
-    client_secret_file: Path
-    connection: str
-    """The Auth0 connection name, e.g. ``google-oauth2``."""
-    subject_token_file: Path
-    """The user's Auth0 refresh token (or access token), read at each exchange."""
-    subject_token_type: str = "urn:ietf:params:oauth:token-type:refresh_token"
-    login_hint: str | None = None
-    refresh_skew_seconds: float = Field(default=60.0, ge=0, le=3600)
-    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
-
-    @field_validator("domain_url")
-    @classmethod
-    def _check_domain(cls, value: str) -> str:
-        url = URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an absolute http(s) URL such as https://TENANT.auth0.com")
-        if url.user or url.password or url.fragment or url.query_string:
-            raise ValueError("must be a bare base URL (no credentials, query or fragment)")
-        return value
-
-    @property
-    def token_url(self) -> str:
-        return self.domain_url.rstrip("/") + "/oauth/token"
 
 
 class Auth0Source:

@@ -6,7 +6,18 @@ from typing import assert_never
 
 import aiohttp
 
-from revive.config import ConnectionConfig, OAuth2SourceConfig, Settings, StaticSourceConfig
+from revive.config import (
+    Auth0SourceConfig,
+    ConnectionConfig,
+    NangoSourceConfig,
+    OAuth2SourceConfig,
+    Settings,
+    StaticSourceConfig,
+    VaultSourceConfig,
+)
+from revive.sources.auth0 import Auth0Source
+from revive.sources.nango import NangoSource
+from revive.sources.vault import VaultSource
 from revive.sources.base import CredentialSource, RefreshClassifier
 from revive.sources.grants import GrantStore
 from revive.sources.oauth2 import OAuth2Source
@@ -41,5 +52,11 @@ def build_source(
         case OAuth2SourceConfig(kind="oauth2"):
             store = grants if grants is not None else GrantStore(settings.data_dir)
             return OAuth2Source(conn.id, source, store, classifier, http)
+        case NangoSourceConfig(kind="nango"):
+            return NangoSource(conn.id, source, http)
+        case Auth0SourceConfig(kind="auth0"):
+            return Auth0Source(conn.id, source, http)
+        case VaultSourceConfig(kind="vault"):
+            return VaultSource(conn.id, source, http)
         case _:
             assert_never(source)

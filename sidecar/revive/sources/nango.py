@@ -43,13 +43,12 @@ import re
 import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field
 from yarl import URL
 
+from revive.config import NangoSourceConfig
 from revive.errors import CredentialError, CredentialMisconfigured, CredentialUnavailable, DeadGrant
 from revive.redact import redact
 from revive.sources._nango_webhooks import (
@@ -94,33 +93,6 @@ _DEAD_CODES = (
 _CLIENT_CODES = ("invalid_client", "unauthorized_client")
 _CODE_RE = re.compile(r"\b(" + "|".join(_DEAD_CODES + _CLIENT_CODES) + r")\b")
 _AADSTS_RE = re.compile(r"\bAADSTS\d{5,6}\b")
-
-
-class NangoSourceConfig(BaseModel):
-    """Settings of a connection whose grant lives in Nango.
-
-    Attributes:
-        kind: always ``nango``.
-        base_url: Nango's API (``https://api.nango.dev`` or a self-hosted server).
-        secret_key_file: file holding the environment's secret (API) key.
-        connection_id: Nango's connection id.
-        provider_config_key: Nango's integration id (the "unique key").
-        webhook_secret_file: file holding the webhook signing key; defaults to the secret key
-            (Nango's SDK does the same, but newer environments have a distinct signing key).
-        timeout_seconds: total time allowed for one call to Nango.
-        refresh_skew_seconds: a cached token this close to expiry is fetched again.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["nango"]
-    base_url: str = "https://api.nango.dev"
-    secret_key_file: Path
-    connection_id: str = Field(min_length=1)
-    provider_config_key: str = Field(min_length=1)
-    webhook_secret_file: Path | None = None
-    timeout_seconds: float = Field(default=10.0, gt=0)
-    refresh_skew_seconds: float = Field(default=60.0, ge=0)
 
 
 class NangoSource:

@@ -30,7 +30,8 @@ from urllib.parse import quote
 import aiohttp
 
 from revive.errors import CredentialUnavailable, DeadGrant
-from revive.sources._vault_client import VaultClient, VaultSourceConfig, vault_errors
+from revive.config import VaultSourceConfig
+from revive.sources._vault_client import VaultClient, vault_errors
 from revive.sources.base import Lease, superseded
 from revive.sources.token_endpoint import number
 
