@@ -6,9 +6,11 @@
 from revive.sources.base import (
     TOKEN_REFRESH,
     CredentialSource,
+    GrantRisk,
     Lease,
     RefreshClassifier,
     RefreshVerdict,
+    ReportsGrantRisk,
 )
 from revive.sources.connect import ConnectFlow, ConnectResult, ConsentDenied
 from revive.sources.factory import build_source
@@ -23,11 +25,13 @@ __all__ = [
     "ConsentDenied",
     "CredentialSource",
     "Grant",
+    "GrantRisk",
     "GrantStore",
     "Lease",
     "OAuth2Source",
     "RefreshClassifier",
     "RefreshVerdict",
+    "ReportsGrantRisk",
     "StaticSource",
     "build_source",
 ]

@@ -121,6 +121,36 @@ class CredentialSource(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class GrantRisk:
+    """A grant that still works but is about to die: the signal to reconnect before a run fails.
+
+    Attributes:
+        connection_id: the connection whose grant is at risk.
+        reason: a stable slug: ``idle-grant-expiring`` (the provider drops refresh tokens unused
+            for too long, Entra after 90 days), ``refresh-failing`` (refreshes fail transiently
+            over and over), ``identity-layer-auth-failed`` (the identity layer reported a
+            failed refresh or re-authorization, e.g. a Nango ``auth`` webhook with
+            ``success: false``).
+        detail: a short human sentence, free of secrets.
+        expires_at: unix time the grant is expected to die, when known.
+    """
+
+    connection_id: str
+    reason: str
+    detail: str
+    expires_at: float | None = None
+
+
+class ReportsGrantRisk(Protocol):
+    """Implemented by sources that can tell, without a provider call, whether their grant is at
+    risk; the ``/metrics`` collector and ``GET /v1/connections/at-risk`` ask them."""
+
+    def grant_risk(self, now: float | None = None) -> GrantRisk | None:
+        """The risk to this source's grant at ``now`` (default: the current time), or ``None``."""
+        ...
+
+
 class RefreshVerdict(Protocol):
     """What the classifier says about one token-endpoint answer (read-only view)."""
 
