@@ -136,6 +136,43 @@ def serve_upstream() -> None:
         runner.run(main())
 
 
+# What ``revive serve`` must import whatever it does (pyproject's runtime dependencies): the
+# floor under its idle RSS, measured in the same run so the number is read against this machine.
+STACK_MODULES = (
+    "uvloop", "aiohttp.web", "aiohttp.client", "pydantic", "pydantic_settings", "yaml", "jwt",
+    "cryptography.fernet", "cryptography.hazmat.primitives.asymmetric.ed25519",
+    "prometheus_client", "sqlite3",
+)
+
+
+def serve_stack_floor() -> None:
+    """An aiohttp app with one route that imports the runtime stack and uses none of it."""
+    import importlib
+
+    import uvloop
+    from aiohttp import web
+
+    for name in STACK_MODULES:
+        importlib.import_module(name)
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/bench/get", ok)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        sock = _listen_socket()
+        await web.SockSite(runner, sock).start()
+        _announce(sock)
+        await _until_terminated()
+        await runner.cleanup()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
 def serve_baseline(upstream: str) -> None:
     """The 30-line proxy: one pooled session, one header set, streamed answer, default loop."""
     import aiohttp
@@ -442,6 +479,7 @@ class Bench:
     rss_idle_kb: int | None = None
     rss_load_kb: int | None = None
     rss_peak_kb: int | None = None
+    rss_floor_kb: int | None = None
 
     def start(self, stack: ExitStack, root: Path) -> None:
         """Start every target; a proxy that fails is recorded and left out of the measurements.
@@ -463,12 +501,20 @@ class Bench:
         nginx = nginx_binary()
         if nginx is not None:
             pending["nginx"] = self._start_nginx(stack, nginx, root, upstream.url)
+        floor = self._spawn(stack, "floor", [sys.executable, me, "--role", "floor"], root)
+        pending["floor"] = lambda: floor.ready_from_log(20)
         cmd = [sys.executable, "-m", "revive.cli", "serve", "--config"]
         cmd.append(str(revive_config(root, upstream.url)))
         revive = self._spawn(stack, "revive", cmd, root, env=revive_env())
         pending["revive"] = lambda: revive.ready_from_log(60)
 
         for name, wait in pending.items():
+            if name == "floor":
+                try:
+                    wait()
+                except RuntimeError as exc:
+                    self.failures.append(f"the stack-floor process failed to start: {exc}")
+                continue
             try:
                 wait()
                 base = self.servers[name].url + "/proxy/bench"
@@ -485,6 +531,8 @@ class Bench:
             # "Idle" = started and past its first requests (the preflight), before any load.
             time.sleep(0.5)
             self.rss_idle_kb = revive.rss_kb()
+            self.rss_floor_kb = floor.rss_kb()
+        floor.stop()  # measured idle only: it takes no part in the load
 
     def _spawn(
         self,
@@ -594,6 +642,7 @@ class Bench:
             }
         out["revive_rss_idle_mb"] = _mb(self.rss_idle_kb)
         out["revive_rss_load_mb"] = _mb(self.rss_load_kb)
+        out["stack_floor_rss_mb"] = _mb(self.rss_floor_kb)
         return out
 
     def table(self, summary: dict[str, Any]) -> str:
@@ -629,6 +678,8 @@ class Bench:
         idle, load, peak = (_fmt(_mb(kb), ".1f") for kb in
                             (self.rss_idle_kb, self.rss_load_kb, self.rss_peak_kb))  # fmt: skip
         rows.append(f"revive RSS: idle {idle} MB, after load {load} MB (peak {peak} MB)")
+        floor = _fmt(_mb(self.rss_floor_kb), ".1f")
+        rows.append(f"stack floor RSS (runtime dependencies imported, one route, idle): {floor} MB")
         return "\n".join(rows)
 
 
@@ -674,7 +725,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tool", choices=("auto", "wrk", "aiohttp"), default="auto",
                         help="load generator (auto: wrk when installed)")  # fmt: skip
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
-    parser.add_argument("--role", choices=("upstream", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("upstream", "baseline", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -686,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.role == "baseline":
         serve_baseline(args.upstream)
+        return 0
+    if args.role == "floor":
+        serve_stack_floor()
         return 0
     duration = args.duration if args.duration is not None else (1.5 if args.quick else 7.0)
     warmup = args.warmup if args.warmup is not None else (0.4 if args.quick else 1.0)
