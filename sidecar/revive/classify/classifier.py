@@ -337,8 +337,14 @@ def retry_after(answer: Answer, now: float | None = None) -> float | None:
     if isinstance(doc, dict):
         body_value = doc.get("retry_after")
         if isinstance(body_value, (int, float)) and not isinstance(body_value, bool):
-            if body_value == body_value and body_value != float("inf"):  # not NaN / inf
-                return max(0.0, float(body_value))
+            # A huge JSON int overflows float(); escaping, it would send the whole verdict
+            # down the last-resort path and lose the class the rules found.
+            try:
+                seconds = float(body_value)
+            except OverflowError:
+                return None
+            if seconds == seconds and seconds != float("inf"):  # not NaN / inf
+                return max(0.0, seconds)
     return None
 
 

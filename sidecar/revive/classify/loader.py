@@ -114,13 +114,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _describe(exc: ValidationError, raw: dict[str, Any]) -> tuple[str, str]:
-    """Turn pydantic's first error into (rule or field, readable reason)."""
+    """Turn pydantic's most specific error into (rule or field, readable reason)."""
     errors = exc.errors()
-    err = errors[0]
+    # A union (``code: source | [source]``) reports one error per branch; the deepest one is
+    # the branch that matched the input's shape and names the bad key, not "should be a list".
+    err = max(errors, key=lambda e: len(e["loc"]))
     loc = [p for p in err["loc"] if isinstance(p, int) or not _TYPE_TAG.search(str(p))]
     msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = f"unknown key {str(loc[-1])!r}" if loc else "unknown key"
+        key = err["loc"][-1]  # the user's own key: never drop it as a type tag ("int", "a(b)")
+        if not loc or loc[-1] != key:
+            loc.append(key)
+        msg = f"unknown key {str(key)!r}"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     if loc and loc[0] == "classify" and len(loc) >= 3 and isinstance(loc[2], int):
         phase, index, rest = str(loc[1]), loc[2], loc[3:]
