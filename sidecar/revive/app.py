@@ -10,12 +10,14 @@ from __future__ import annotations
 import gc
 import ipaddress
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from revive.api.auth import AdminAuth
@@ -30,7 +32,7 @@ from revive.proxy.pipeline import Proxy, Route
 from revive.recovery.notify import Notifier, WebhookNotifier
 from revive.recovery.service import Binding, RecoveryService
 from revive.sources.grants import read_secret_file
-from revive.sources import CredentialSource, build_source
+from revive.sources import CredentialSource, OAuth2Source, build_source
 from revive.store import Store, open_store
 from revive.tokens import Keyring
 
@@ -46,9 +48,33 @@ API = web.AppKey[RecoveryApi]("api")
 ADMIN = web.AppKey("admin", AdminAuth)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 
-PROXY_ROUTE = "/proxy/{connection_id}/{tail:.*}"
+# (?s:...): a tail may decode to a newline (%0A); the proxy refuses it as a bad target.
+PROXY_ROUTE = "/proxy/{connection_id}/{tail:(?s:.*)}"
 
 log = logging.getLogger("revive.app")
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """Keep the bytes of a request aiohttp could not parse out of the log.
+
+    aiohttp logs a parse error with the offending line, which may be an ``Authorization``
+    header carrying a capability or the admin token. What went wrong is kept; the bytes and
+    the traceback (aiohttp's own, of no use to an operator) are dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.getMessage()}: malformed request ({type(exc).__name__})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+# aiohttp's server-side logger, under "revive" so that the JSON handler and redaction apply.
+_HTTP_LOG = logging.getLogger("revive.http")
+_HTTP_LOG.addFilter(_MalformedRequestFilter())
 
 
 def resolve_policies(settings: Settings) -> dict[str, Policy]:
@@ -115,8 +141,11 @@ async def _recovery(app: web.Application) -> AsyncIterator[None]:
             store, app[KEYRING], bindings, token_http,
             notifier=await _notifier(settings, token_http),
             reconnect_url=settings.reconnect_url,
+            public_url=settings.public_url,
             metrics=app[METRICS],
         )
+        if closed := await service.close_settled_cases():
+            log.warning("%d recovery cases whose action committed before a restart closed", closed)
         app[SOURCES] = sources
         app[SERVICE] = service
         app[API] = service
@@ -199,6 +228,16 @@ async def _metrics(request: web.Request) -> web.Response:
     if STORE in request.app:
         cases = await request.app[STORE].list_cases(open_only=True)
         metrics.open_cases = dict(Counter(case.state for case in cases))
+    if SOURCES in request.app:
+        now = time.time()
+        metrics.grant_expires_in = {
+            cid: at - now
+            for cid, source in request.app[SOURCES].items()
+            if isinstance(source, OAuth2Source) and (at := source.grant_expires_at()) is not None
+        }
+    if SERVICE in request.app:
+        risks = await request.app[SERVICE].connections_at_risk()
+        metrics.at_risk = {(r.connection_id, r.reason): 1 for r in risks}
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -228,13 +267,15 @@ def create_app(
     add_routes(app, API, ADMIN, loopback_only=not settings.workers_from_any_address)
     if lab is not None:
         app.add_subapp("/lab/", lab)
-    app.router.add_route("*", "/{tail:.*}", not_found)  # last: everything unmatched
+    app.router.add_route("*", "/{tail:(?s:.*)}", not_found)  # last: everything unmatched
     return app
 
 
 async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Start ``app`` on ``host:port`` (0 = any free port) and return the runner and base URL."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=10, logger=_HTTP_LOG
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()

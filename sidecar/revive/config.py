@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 import re
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,11 +38,122 @@ def _http_url(value: str) -> str:
     return value
 
 
+def _base_url(value: str, example: str = "") -> str:
+    """An identity layer's base URL: absolute http(s), nothing but scheme, host and path."""
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"must be an absolute http(s) URL{example}")
+    if url.user or url.password or url.fragment or url.query_string:
+        raise ValueError("must be a bare base URL (no credentials, query or fragment)")
+    return value
+
+
 class StaticSourceConfig(_Model):
     """Tokens from a file (JSON or YAML ``{access_token, expires_at?}``): tests and the lab."""
 
     kind: Literal["static"]
     tokens_file: Path
+
+
+class VaultAccessConfig(BaseModel):
+    """Where one KV v2 secret lives in HashiCorp Vault and how the sidecar logs in to read it.
+
+    Shared by the ``vault`` source (reads a token someone else keeps there) and the oauth2
+    ``grant_store: {kind: vault}`` (the refresher keeps its own grant there).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str
+    mount: str = "secret"
+    path: str
+    auth: Literal["token", "kubernetes"] = "token"
+    token_file: Path | None = None
+    kubernetes_role: str | None = None
+    kubernetes_jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    kubernetes_mount: str = "kubernetes"
+    namespace: str | None = None
+    """Vault Enterprise namespace, sent as ``X-Vault-Namespace``."""
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        return _base_url(value)
+
+    @field_validator("mount", "path", "kubernetes_mount")
+    @classmethod
+    def _check_segment(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value or any(part in ("", ".", "..") for part in value.split("/")):
+            raise ValueError("must be a non-empty Vault path without empty, '.' or '..' parts")
+        return value
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Self:
+        if self.auth == "token" and self.token_file is None:
+            raise ValueError("auth 'token' needs token_file")
+        if self.auth == "kubernetes" and not self.kubernetes_role:
+            raise ValueError("auth 'kubernetes' needs kubernetes_role")
+        return self
+
+
+class FileGrantStoreConfig(_Model):
+    """The default: the grant is a Fernet-encrypted file under ``data_dir`` (one host)."""
+
+    kind: Literal["file"] = "file"
+
+
+class VaultGrantStoreConfig(VaultAccessConfig):
+    """The grant lives in Vault KV v2 so that several sidecars share one rotating grant.
+
+    Every write is check-and-set against the version read, so two sidecars cannot overwrite
+    each other's rotation (``revive.sources.vault_grants``).
+    """
+
+    kind: Literal["vault"]
+    settle_seconds: float = Field(default=3.0, ge=0, le=60)
+    """After the provider rejects a refresh token that Vault still holds, keep re-reading
+    this long: another sidecar may have redeemed it and not yet written its successor."""
+
+
+GrantStoreConfig = Annotated[
+    FileGrantStoreConfig | VaultGrantStoreConfig, Field(discriminator="kind")
+]
+
+
+class KeepAliveConfig(_Model):
+    """Refresh grants before the provider drops them for disuse (Entra: 90 days, AADSTS700082).
+
+    Durations take seconds, ``30d``/``12h``-style text or ISO 8601 (``P30D``).
+    """
+
+    enabled: bool = False
+    idle_refresh_after: timedelta = timedelta(days=30)
+    """A grant not redeemed for this long is refreshed by the background task."""
+    grant_lifetime: timedelta = timedelta(days=90)
+    """How long the provider keeps an unused refresh token (Entra: 90 days)."""
+    warn_before: timedelta = timedelta(days=14)
+    """The grant is reported at risk this long before ``grant_lifetime`` runs out."""
+    check_every: timedelta = timedelta(hours=1)
+    """How often the background task looks (jittered)."""
+    jitter: float = Field(default=0.2, ge=0, le=0.5)
+    """Each wait is ``check_every`` times a random factor in ``1 ± jitter``."""
+    failures_before_risk: int = Field(default=3, ge=1, le=100)
+    """Keep-alive refreshes failing this many times in a row report ``refresh-failing``."""
+
+    @model_validator(mode="after")
+    def _check_durations(self) -> KeepAliveConfig:
+        for name in ("idle_refresh_after", "grant_lifetime", "check_every"):
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{name} must be positive")
+        if self.warn_before < timedelta(0):
+            raise ValueError("warn_before must not be negative")
+        if self.idle_refresh_after >= self.grant_lifetime:
+            raise ValueError("idle_refresh_after must be shorter than grant_lifetime")
+        if self.warn_before >= self.grant_lifetime:
+            raise ValueError("warn_before must be shorter than grant_lifetime")
+        return self
 
 
 class OAuth2SourceConfig(_Model):
@@ -58,6 +170,9 @@ class OAuth2SourceConfig(_Model):
     redirect_uri: str | None = None
     refresh_skew_seconds: float = Field(default=120.0, ge=0, le=3600)
     token_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    grant_store: GrantStoreConfig = FileGrantStoreConfig()
+    """Where the refresh token lives: encrypted under ``data_dir`` or in Vault KV v2."""
+    keep_alive: KeepAliveConfig = KeepAliveConfig()
 
     _check_token_url = field_validator("token_url")(_http_url)
 
@@ -115,61 +230,17 @@ class Auth0SourceConfig(BaseModel):
     @field_validator("domain_url")
     @classmethod
     def _check_domain(cls, value: str) -> str:
-        url = URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an absolute http(s) URL such as https://TENANT.auth0.com")
-        if url.user or url.password or url.fragment or url.query_string:
-            raise ValueError("must be a bare base URL (no credentials, query or fragment)")
-        return value
+        return _base_url(value, " such as https://TENANT.auth0.com")
 
     @property
     def token_url(self) -> str:
         return self.domain_url.rstrip("/") + "/oauth/token"
 
-class VaultSourceConfig(BaseModel):
+class VaultSourceConfig(VaultAccessConfig):
     """A token kept in HashiCorp Vault's KV v2 engine at ``{mount}/data/{path}``, key ``field``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     kind: Literal["vault"]
-    address: str
-    mount: str = "secret"
-    path: str
     field: str = "access_token"
-    auth: Literal["token", "kubernetes"] = "token"
-    token_file: Path | None = None
-    kubernetes_role: str | None = None
-    kubernetes_jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-    kubernetes_mount: str = "kubernetes"
-    namespace: str | None = None
-    """Vault Enterprise namespace, sent as ``X-Vault-Namespace``."""
-    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
-
-    @field_validator("address")
-    @classmethod
-    def _check_address(cls, value: str) -> str:
-        url = URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an absolute http(s) URL")
-        if url.user or url.password or url.fragment or url.query_string:
-            raise ValueError("must be a bare base URL (no credentials, query or fragment)")
-        return value
-
-    @field_validator("mount", "path", "kubernetes_mount")
-    @classmethod
-    def _check_segment(cls, value: str) -> str:
-        value = value.strip("/")
-        if not value or any(part in ("", ".", "..") for part in value.split("/")):
-            raise ValueError("must be a non-empty Vault path without empty, '.' or '..' parts")
-        return value
-
-    @model_validator(mode="after")
-    def _check_auth(self) -> VaultSourceConfig:
-        if self.auth == "token" and self.token_file is None:
-            raise ValueError("auth 'token' needs token_file")
-        if self.auth == "kubernetes" and not self.kubernetes_role:
-            raise ValueError("auth 'kubernetes' needs kubernetes_role")
-        return self
 
 
 SourceConfig = Annotated[
@@ -235,6 +306,9 @@ class LimitsConfig(_Model):
     """How much of an error answer is read (and decompressed) to classify it."""
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
     upstream_timeout_seconds: float = Field(default=60.0, gt=0)
+    request_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    """Time a worker has to deliver its whole request body: a client dribbling bytes
+    (slowloris) would otherwise hold a handler, and a streamed upstream request, forever."""
     max_upstream_connections: int = Field(default=256, ge=1)
 
 
@@ -323,7 +397,8 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
-_SOURCE_KINDS = ("static", "oauth2", "nango", "auth0", "vault")
+_SOURCE_KINDS = ("static", "oauth2", "nango", "auth0", "vault", "file")
+_TAGGED = ("source", "grant_store")
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
@@ -331,7 +406,7 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in _SOURCE_KINDS and parts and parts[-1].lstrip(".") == "source":
+        elif item in _SOURCE_KINDS and parts and parts[-1].lstrip(".") in _TAGGED:
             continue  # the discriminator tag adds nothing for a reader
         else:
             parts.append(("." if parts else "") + str(item))

@@ -10,7 +10,7 @@
     └── ProblemError                 -- answered to a caller as problem+json
         ├── RecoveryRequired (424), Fenced (409), InFlight (409),
         ├── IdempotencyMismatch (422), ReconcileRequired (409),
-        ├── CapabilityInvalid (401), HostNotAllowed (403),
+        ├── CapabilityInvalid (401), WebhookSignatureInvalid (401), HostNotAllowed (403),
         ├── UpstreamUnavailable (503), OutcomeUnknown (502),
         └── BadRequest (400), BadTarget (400), NotFound (404),
             UnknownConnection (404), PayloadTooLarge (413), Unauthorized (401)
@@ -140,6 +140,18 @@ class CapabilityInvalid(ProblemError):
     title = "Capability missing, expired, forged or already used"
 
 
+class WebhookSignatureInvalid(ProblemError):
+    """An identity layer's webhook (Nango's ``X-Nango-Hmac-Sha256``) is unsigned or forged.
+
+    Its own type rather than ``unauthorized``: the fix is the webhook signing key configured
+    on both sides, not the admin token.
+    """
+
+    type = "urn:revive:webhook-signature-invalid"
+    status = 401
+    title = "Webhook signature missing or invalid"
+
+
 class HostNotAllowed(ProblemError):
     type = "urn:revive:host-not-allowed"
     status = 403
@@ -233,7 +245,8 @@ class InternalError(ProblemError):
 PROBLEM_TYPES: dict[str, int] = {
     cls.type: cls.status
     for cls in (
-        BadRequest, BadTarget, Unauthorized, CapabilityInvalid, HostNotAllowed, NotFound,
+        BadRequest, BadTarget, Unauthorized, CapabilityInvalid, WebhookSignatureInvalid,
+        HostNotAllowed, NotFound,
         UnknownConnection, MethodNotAllowed, Fenced, InFlight, ReconcileRequired,
         PayloadTooLarge, IdempotencyMismatch, RecoveryRequired, OutcomeUnknown,
         SourceMisconfigured, UpstreamUnavailable, UpstreamTimeout, InternalError,

@@ -52,6 +52,10 @@ class Metrics(Collector):
         self.cases_opened: Counter[str] = Counter()
         self.latency: dict[str, _Histogram] = {}
         self.open_cases: Mapping[str, int] = {}
+        self.grant_expires_in: Mapping[str, float] = {}
+        """connection → seconds until its idle grant dies (keep-alive), set at scrape time."""
+        self.at_risk: Mapping[tuple[str, str], int] = {}
+        """(connection, reason) → 1, refreshed by the ``/metrics`` handler at scrape time."""
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -96,6 +100,17 @@ class Metrics(Collector):
                        self.cases_opened)
         yield _gauge("revive_cases_open", "Recovery cases not yet closed, by state", "state",
                      self.open_cases)
+        yield _gauge("revive_grant_expires_in_seconds",
+                     "Seconds until the provider drops the grant for disuse, unless refreshed",
+                     "connection", self.grant_expires_in)
+        at_risk = GaugeMetricFamily(
+            "revive_connections_at_risk",
+            "Connections whose grant works but is expected to die (1 per connection and reason)",
+            labels=["connection", "reason"],
+        )
+        for (conn, reason), n in self.at_risk.items():
+            at_risk.add_metric([conn, reason], n)
+        yield at_risk
 
 
 def _counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> CounterMetricFamily:
@@ -105,7 +120,9 @@ def _counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> Coun
     return family
 
 
-def _gauge(name: str, doc: str, label: str, values: Mapping[str, int]) -> GaugeMetricFamily:
+def _gauge(
+    name: str, doc: str, label: str, values: Mapping[str, int] | Mapping[str, float]
+) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, doc, labels=[label])
     for key, n in values.items():
         family.add_metric([key], n)

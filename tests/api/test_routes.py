@@ -18,7 +18,7 @@ from aiohttp import web
 from revive.api.auth import AdminAuth
 from revive.api.problems import not_found
 from revive.api.routes import add_routes
-from revive.api.service import Minted, RecoveryApi, Redemption
+from revive.api.service import AtRisk, Minted, RecoveryApi, Redemption, WebhookOutcome
 from revive.errors import (
     BadRequest,
     CapabilityInvalid,
@@ -153,6 +153,14 @@ class FakeApi:
     ) -> list[CaseRow]:
         self._called("reconnected", connection_id, actor, evidence)
         return [replace(c, state="reconnected") for c in self.cases]
+
+    async def nango_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookOutcome:
+        self._called("nango_webhook", body)
+        return WebhookOutcome(False, None, "ignored")
+
+    async def connections_at_risk(self) -> list[AtRisk]:
+        self._called("connections_at_risk")
+        return []
 
     async def begin_connect(self, connection_id: str, redirect_uri: str) -> str:
         self._called("begin_connect", connection_id, redirect_uri)

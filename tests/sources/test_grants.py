@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import stat
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
 from revive.errors import CredentialMisconfigured
-from revive.sources.grants import Grant, GrantStore
+from revive.sources.grants import Grant, GrantConflict, GrantStore, StoredGrant
 
 CANARY_RT = "rt-canary-7f3a9c2e51d84b60"
 
@@ -125,3 +127,71 @@ async def test_atomic_replace_survives_concurrent_reader(tmp_path: Path) -> None
     final = await reader.load("conn_a")
     assert final is not None and final.generation == 79
     assert len(seen) > 1
+
+
+# -- versions (the GrantBackend seam) ----------------------------------------------------------
+
+
+async def test_versioned_writes_refuse_a_stale_version(tmp_path: Path) -> None:
+    store = GrantStore(tmp_path)
+    assert await store.read("conn_a") == StoredGrant(None, 0)
+    assert await store.write("conn_a", _grant(generation=1), 0) == 1
+    with pytest.raises(GrantConflict) as info:
+        await store.write("conn_a", _grant("token-lost-9999", generation=1), 0)
+    assert info.value.provider_code == "grant_version_conflict"
+    assert CANARY_RT not in str(info.value)
+    assert await store.write("conn_a", _grant(generation=2), 1) == 2
+    stored = await GrantStore(tmp_path).read("conn_a")
+    assert (stored.version, stored.grant and stored.grant.generation) == (2, 2)
+    assert _mode(store.lock_path("conn_a")) == 0o600
+    assert _mode(store.lock_path("conn_a").parent) == 0o700
+
+
+async def test_concurrent_versioned_writers_one_wins_per_version(tmp_path: Path) -> None:
+    stores = [GrantStore(tmp_path) for _ in range(6)]
+    await stores[0].write("conn_a", _grant(), 0)
+    results = await asyncio.gather(
+        *(s.write("conn_a", _grant(f"token-{i}-abcd"), 1) for i, s in enumerate(stores)),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["GrantConflict"] * 5 + ["int"]
+    [winner] = [i for i, r in enumerate(results) if r == 2]
+    stored = await stores[0].read("conn_a")
+    assert stored.grant is not None and stored.version == 2
+    assert stored.grant.refresh_token.get_secret_value() == f"token-{winner}-abcd"
+
+
+async def test_unreadable_file_blocks_versioned_but_not_unconditional_writes(
+    tmp_path: Path,
+) -> None:
+    store = GrantStore(tmp_path)
+    path = store.path("conn_a")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"garbage")
+    await store.save("conn_b", _grant())  # creates the key
+    with pytest.raises(CredentialMisconfigured):
+        await store.write("conn_a", _grant(), 1)
+    assert await store.write("conn_a", _grant(), None) == 1  # a reconnect replaces it
+
+
+async def test_last_refreshed_at_round_trips_and_old_files_read_as_version_one(
+    tmp_path: Path,
+) -> None:
+    store = GrantStore(tmp_path)
+    grant = Grant(
+        refresh_token=SecretStr(CANARY_RT), obtained_at=1.0, rotated_at=5.0,
+        last_refreshed_at=9.0,
+    )
+    await store.save("conn_a", grant)
+    loaded = await GrantStore(tmp_path).load("conn_a")
+    assert loaded == grant and loaded.last_used == 9.0
+    # A file written before versions and last_refreshed_at existed.
+    cipher = Fernet(store.key_path.read_bytes().strip())
+    old = {"format": 1, "connection_id": "conn_a", "grant": {
+        "refresh_token": CANARY_RT, "scope": None, "generation": 3, "obtained_at": 4.0,
+        "rotated_at": None}}
+    store.path("conn_a").write_bytes(cipher.encrypt(json.dumps(old).encode()))
+    stored = await store.read("conn_a")
+    assert stored.version == 1 and stored.grant is not None
+    assert (stored.grant.generation, stored.grant.last_refreshed_at) == (3, None)
+    assert stored.grant.last_used == 4.0

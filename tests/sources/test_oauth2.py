@@ -255,10 +255,12 @@ async def test_rotated_token_is_not_handed_out_unless_persisted(env: Env) -> Non
     class FlakyStore(GrantStore):
         fail = True
 
-        async def save(self, connection_id: str, grant: Grant) -> None:
+        async def write(
+            self, connection_id: str, grant: Grant, expected_version: int | None
+        ) -> int:
             if self.fail:
                 raise CredentialMisconfigured("disk full")
-            await super().save(connection_id, grant)
+            return await super().write(connection_id, grant, expected_version)
 
     env.provider.rotate = True
     store = FlakyStore(env.tmp / "data")

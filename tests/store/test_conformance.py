@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,15 @@ from revive.errors import (
     ReconcileRequired,
     RecoveryRequired,
 )
-from revive.store import CaseDraft, CaseRow, ClaimRequest, ConflictError, Store
+from revive.store import (
+    CaseDraft,
+    CaseRow,
+    ClaimRequest,
+    ConflictError,
+    SqliteStore,
+    Store,
+    open_store,
+)
 
 NewId = Callable[[str], str]
 OWNER = "sidecar-a"
@@ -114,6 +123,62 @@ async def test_record_reconnect_is_compare_and_set(store: Store, world: World) -
     assert (await store.get_connection(cid)).generation == 2  # type: ignore[union-attr]
     with pytest.raises(NotFound):
         await store.record_reconnect("conn_nobody_knows", 1)
+
+
+# -- connections at risk -------------------------------------------------------------------------
+
+
+async def _marks(store: Store, *connection_ids: str) -> dict[str, Any]:
+    """This test's marks only: the suite may share its database with other tests."""
+    found = await store.list_at_risk()
+    return {m.connection_id: m for m in found if m.connection_id in connection_ids}
+
+
+async def test_mark_list_and_clear_at_risk(store: Store, new_id: NewId) -> None:
+    a, b = new_id("conn"), new_id("conn")
+    assert await _marks(store, a, b) == {}
+    mark = await store.mark_at_risk(a, "identity-layer-auth-failed", "nango refresh failed")
+    assert (mark.connection_id, mark.reason, mark.detail, mark.expires_at) == (
+        a, "identity-layer-auth-failed", "nango refresh failed", None,
+    )
+    await store.mark_at_risk(b, "idle-grant-expiring", "unused for 80 days", 1_900_000_000.5)
+    marks = await _marks(store, a, b)
+    assert marks[a] == mark
+    assert (marks[b].reason, marks[b].expires_at) == ("idle-grant-expiring", 1_900_000_000.5)
+    listed = [m.connection_id for m in await store.list_at_risk() if m.connection_id in (a, b)]
+    assert listed == sorted([a, b])
+    assert await store.clear_at_risk(a) is True
+    assert await store.clear_at_risk(a) is False  # clearing twice is harmless
+    assert set(await _marks(store, a, b)) == {b}
+
+
+async def test_one_mark_per_connection_keeps_since_when(store: Store, new_id: NewId) -> None:
+    cid = new_id("conn")
+    first = await store.mark_at_risk(cid, "identity-layer-auth-failed", "first failure")
+    again = await store.mark_at_risk(cid, "identity-layer-auth-failed", "second failure", 5.0)
+    assert (again.detail, again.expires_at) == ("second failure", 5.0)
+    assert again.marked_at == first.marked_at  # at risk since the first report
+    other = await store.mark_at_risk(cid, "idle-grant-expiring", "idle")
+    assert other.reason == "idle-grant-expiring" and other.marked_at >= first.marked_at
+    assert list((await _marks(store, cid)).values()) == [other]
+
+
+async def test_marks_are_shared_by_every_store_on_the_database(
+    store: Store, backend: tuple[str, str | None], tmp_path: Path, new_id: NewId
+) -> None:
+    """The webhook may reach another replica than the one leasing: marks live in the database."""
+    cid = new_id("conn")
+    name, url = backend
+    await store.mark_at_risk(cid, "identity-layer-auth-failed", "reported to replica a")
+    if name == "sqlite":
+        other_replica = SqliteStore.open(tmp_path / "data" / "revive.db")
+    else:
+        assert url is not None
+        other_replica = open_store(url)
+    async with other_replica as other:
+        assert set(await _marks(other, cid)) == {cid}
+        assert await other.clear_at_risk(cid)
+    assert await _marks(store, cid) == {}
 
 
 # -- runs and fences -----------------------------------------------------------------------------
@@ -293,10 +358,26 @@ async def test_finish_only_by_the_owner_of_an_in_flight_row(store: Store, world:
     with pytest.raises(ValueError):
         await store.finish(key, OWNER, "in_flight")  # type: ignore[arg-type]
     done = await store.finish(key, OWNER, "committed", status=201, response="{}")
-    assert (done.state, done.status, done.response) == ("committed", 201, "{}")
+    assert (done.idempotency_key, done.state, done.status, done.case_id) == (
+        key, "committed", 201, None
+    )
+    stored = await store.get_action(key)
+    assert stored is not None and (stored.status, stored.response) == (201, "{}")
     with pytest.raises(ConflictError):
         await store.finish(key, OWNER, "failed")
     assert (await store.get_action(key)).state == "committed"  # type: ignore[union-attr]
+
+
+async def test_finish_reports_the_case_waiting_on_the_action(store: Store, world: World) -> None:
+    key = world.key("key_1")
+    case, _ = await store.open_case(draft(world))
+    await store.claim(claim_req(world, key))
+    first = await store.finish(key, OWNER, "not_committed", status=401, case_id=case.case_id)
+    assert first.case_id == case.case_id
+    await store.claim(claim_req(world, key))
+    # The resumed attempt names no case; the one recorded before still waits on the action.
+    done = await store.finish(key, OWNER, "committed", status=202)
+    assert (done.state, done.case_id) == ("committed", case.case_id)
 
 
 async def test_settle_rules(store: Store, world: World) -> None:

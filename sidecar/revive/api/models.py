@@ -9,11 +9,11 @@ leaves the sidecar is decided in one place: an action view never carries the sto
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from revive.api.service import Minted, Redemption
+from revive.api.service import AtRisk, Minted, Redemption, WebhookOutcome
 from revive.recovery.machine import CaseState
 from revive.store.models import ActionRow, CaseRow, RunRow, TransitionRow
 
@@ -21,6 +21,8 @@ __all__ = [
     "AbandonRequest",
     "ActionOutcome",
     "ActionView",
+    "AtRiskList",
+    "AtRiskView",
     "CapabilityRequest",
     "CaseDetail",
     "CaseList",
@@ -28,6 +30,9 @@ __all__ = [
     "CaseSummary",
     "IssueCapabilityRequest",
     "MintRunCapabilityRequest",
+    "NangoWebhookAnswer",
+    "NangoWebhookBody",
+    "NangoWebhookError",
     "ReconnectedAnswer",
     "ReconnectedRequest",
     "RecoveryCapability",
@@ -41,6 +46,18 @@ __all__ = [
 _ID = Field(min_length=1, max_length=1024)
 _TOKEN = Field(min_length=1, max_length=8192, description="A capability (compact JWT).")
 _EXPIRES = Field(description="When the capability expires, in unix seconds (its `exp`).")
+_INT64_MAX = 2**63 - 1  # the stores keep epochs in signed 64-bit columns
+
+
+def _integral_float(value: object) -> object:
+    # The document says "integer", and JSON Schema counts 1.0 as one; strict pydantic does
+    # not. Take an integral float, and keep refusing "1" and true as strict mode does.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_Integer = Annotated[int, BeforeValidator(_integral_float)]
 
 
 class _Request(BaseModel):
@@ -59,7 +76,9 @@ class MintRunCapabilityRequest(_Request):
 
     connection_id: str = _ID
     checkpoint_id: str = _ID
-    epoch: int = Field(ge=1, strict=True, description="The run's epoch; 1 creates the run.")
+    epoch: _Integer = Field(
+        ge=1, le=_INT64_MAX, strict=True, description="The run's epoch; 1 creates the run."
+    )
     workflow: str | None = Field(default=None, max_length=1024)
 
 
@@ -94,6 +113,33 @@ class AbandonRequest(_Request):
 
     reason: str = Field(min_length=1, max_length=2000)
     actor: str = Field(default="operator", min_length=1, max_length=200)
+
+
+class NangoWebhookError(BaseModel):
+    """``error`` of a failed ``auth`` webhook."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: str | None = None
+    description: str | None = None
+
+
+class NangoWebhookBody(BaseModel):
+    """A webhook as Nango sends it (https://nango.dev/docs/guides/platform/webhooks-from-nango).
+
+    Documents the route only: the handler reads the raw bytes, because the signature covers
+    them exactly, and verifies it before reading anything. Unknown fields are allowed (Nango
+    adds them); only ``auth`` webhooks are acted on.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    type: str = Field(description="`auth` is handled; `sync`, `forward`... are acknowledged.")
+    connection_id: str | None = Field(default=None, alias="connectionId")
+    provider_config_key: str | None = Field(default=None, alias="providerConfigKey")
+    operation: str | None = Field(default=None, description="creation, override or refresh")
+    success: bool | None = None
+    error: NangoWebhookError | None = None
 
 
 class CaseQuery(_Request):
@@ -304,6 +350,49 @@ class CaseList(_Answer):
     """The cases matching ``GET /v1/cases``'s filters."""
 
     cases: list[CaseSummary]
+
+
+class NangoWebhookAnswer(_Answer):
+    """What a webhook did; Nango only looks at the status (2xx: delivered, do not retry)."""
+
+    handled: bool
+    type: str | None = Field(description="Nango's webhook type, as received (bounded).")
+    action: Literal["ignored", "reconnected", "cleared", "at_risk"]
+    connections: list[str] = Field(description="The Revive connections it applied to.")
+    advanced: list[CaseSummary]
+    note: str
+
+    @classmethod
+    def from_outcome(cls, outcome: WebhookOutcome) -> NangoWebhookAnswer:
+        return cls(
+            handled=outcome.handled, type=outcome.webhook_type, action=outcome.action,
+            connections=list(outcome.connections),
+            advanced=[CaseSummary.from_row(c) for c in outcome.advanced], note=outcome.note,
+        )
+
+
+class AtRiskView(_Answer):
+    """A connection whose grant works today but is expected to die: reconnect it first."""
+
+    connection_id: str
+    reason: str = Field(description="identity-layer-auth-failed, idle-grant-expiring, ...")
+    detail: str
+    expires_at: float | None = Field(description="When the grant is expected to die, if known.")
+    since: float | None = Field(description="When the durable mark was made (store only).")
+    origin: Literal["store", "source"]
+
+    @classmethod
+    def from_risk(cls, risk: AtRisk) -> AtRiskView:
+        return cls(
+            connection_id=risk.connection_id, reason=risk.reason, detail=risk.detail,
+            expires_at=risk.expires_at, since=risk.since, origin=risk.origin,
+        )
+
+
+class AtRiskList(_Answer):
+    """Every connection at risk, one entry per (connection, reason)."""
+
+    connections: list[AtRiskView]
 
 
 class ReconnectedAnswer(_Answer):

@@ -42,11 +42,12 @@ from revive.errors import (
     UnknownConnection,
     UpstreamTimeout,
     UpstreamUnavailable,
+    WebhookSignatureInvalid,
 )
 
 __all__ = ["OPERATIONS", "PROXY_OPERATION", "Operation", "build_openapi"]
 
-Audience = Literal["worker", "admin", "browser", "public"]
+Audience = Literal["worker", "admin", "browser", "webhook", "public"]
 Special = Literal["redirect", "html", "jwks", "openapi", "proxy"]
 
 _REF = "#/components/schemas/{model}"
@@ -63,7 +64,8 @@ class Operation:
         method, path: as registered with aiohttp (``{name}`` path parameters).
         operation_id: the handler's name in ``revive.api.routes`` and the route's name.
         audience: ``worker`` (loopback peers), ``admin`` (bearer token), ``browser``
-            (the oauth2 flow), ``public`` (anyone on the listener).
+            (the oauth2 flow), ``webhook`` (an identity layer, authenticated by the signature
+            it puts on the body), ``public`` (anyone on the listener).
         request, query, answer: pydantic models of the body, the query string, the answer.
         special: an answer that is not a model (redirect, HTML page, JWKS, this document).
         problems: the errors particular to this route; the audience adds its own.
@@ -134,6 +136,26 @@ OPERATIONS: tuple[Operation, ...] = (
         description="Advances every case of the connection. The body may be empty.",
     ),
     Operation(
+        "GET", "/v1/connections/at-risk", "connections_at_risk",
+        "Connections whose grant works today but is expected to die", "admin",
+        answer=m.AtRiskList,
+        description="The store's marks (a failed refresh Nango reported by webhook, shared "
+        "by every replica) and each source's own report (an idle grant close to expiry).",
+    ),
+    Operation(
+        "POST", "/v1/webhooks/nango", "nango_webhook",
+        "Nango's webhooks: a re-authorization advances the connection's cases", "webhook",
+        request=m.NangoWebhookBody, answer=m.NangoWebhookAnswer,
+        problems=(WebhookSignatureInvalid, PayloadTooLarge, *_CREDENTIAL_PROBLEMS),
+        description="Authenticated by `X-Nango-Hmac-Sha256` (HMAC-SHA256 of the raw body under "
+        "a configured nango connection's signing key), not the admin token; a missing or "
+        "forged signature is a 401 and changes nothing. An `auth` webhook with `success: true` "
+        "reports the connection reconnected (as `POST /v1/connections/{id}/reconnected`: "
+        "probe, advance every open case) and clears its at-risk mark; `success: false` marks "
+        "it at risk and opens nothing. Other types, and connections no source matches, are "
+        "acknowledged with `handled: false` so that Nango does not retry them.",
+    ),
+    Operation(
         "GET", "/v1/connections/{connection_id}/connect", "connect",
         "Start the built-in oauth2 reconnect flow (loopback peers only)", "browser",
         special="redirect", status=302, problems=(NotFound, UnknownConnection),
@@ -166,7 +188,7 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 PROXY_OPERATION = Operation(
-    "*", "/proxy/{connection_id}/{tail:.*}", "proxy",
+    "*", "/proxy/{connection_id}/{tail:(?s:.*)}", "proxy",
     "Forward a request to the connection's provider with its credential", "worker",
     special="proxy",
     problems=(CapabilityInvalid, Fenced, RecoveryRequired, InFlight, IdempotencyMismatch,
@@ -201,12 +223,15 @@ def build_openapi() -> dict[str, Any]:
             "version": _VERSION,
             "description": "Credential-broker sidecar: run capabilities, the action ledger and "
             "recovery cases. Worker routes answer loopback peers only unless the sidecar is "
-            "configured otherwise; admin routes need the admin bearer token.",
+            "configured otherwise; admin routes need the admin bearer token. Every error is "
+            "`application/problem+json`, except one the HTTP layer answers before any route "
+            "runs: a request line or header line over 8190 bytes gets a plain-text 400.",
         },
         "tags": [
             {"name": "worker", "description": "Called by the runtime's workers (loopback)."},
             {"name": "admin", "description": "Operators and webhooks (admin bearer token)."},
             {"name": "browser", "description": "The built-in oauth2 reconnect flow."},
+            {"name": "webhook", "description": "Identity layers, by the signature they send."},
             {"name": "public", "description": "Anyone on the listener."},
         ],
         "paths": paths,
@@ -216,6 +241,10 @@ def build_openapi() -> dict[str, Any]:
                 "adminToken": {
                     "type": "http", "scheme": "bearer",
                     "description": "The admin token from the sidecar's data_dir/admin-token.",
+                },
+                "nangoSignature": {
+                    "type": "apiKey", "in": "header", "name": "X-Nango-Hmac-Sha256",
+                    "description": "Hex HMAC-SHA256 of the raw body under Nango's signing key.",
                 },
                 "runCapability": {
                     "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
@@ -259,6 +288,8 @@ def _operation(op: Operation, refs: _Refs) -> dict[str, Any]:
         doc["security"] = [{"adminToken": []}]
     elif op.special == "proxy":
         doc["security"] = [{"runCapability": []}]
+    elif op.audience == "webhook":
+        doc["security"] = [{"nangoSignature": []}]
     else:
         doc["security"] = []
     return doc

@@ -26,6 +26,8 @@ from revive.errors import (
 )
 from revive.redact import redact
 
+__all__ = ["not_found", "problem_response", "with_problems"]
+
 log = logging.getLogger("revive.api")
 
 
@@ -84,5 +86,27 @@ def with_problems(handler: Handler) -> Handler:
 
 @with_problems
 async def not_found(request: web.Request) -> web.StreamResponse:
-    """The catch-all route: unknown paths get a problem, not aiohttp's plain text."""
+    """The catch-all route: unknown paths get a problem, not aiohttp's plain text.
+
+    A catch-all also shadows aiohttp's own 405, so a known path asked with a method it does
+    not take would read as "no such route": answer that 405 here, with ``Allow``.
+    """
+    allowed = await _methods_elsewhere(request)
+    if allowed:
+        answer = problem_response(
+            MethodNotAllowed(f"{request.path} takes {', '.join(allowed)}"), request.path
+        )
+        answer.headers["Allow"] = ", ".join(allowed)
+        return answer
     raise NotFound(f"no route for {request.method} {request.path}")
+
+
+async def _methods_elsewhere(request: web.Request) -> list[str]:
+    """The methods other routes take on this path (none when the path is unknown)."""
+    own = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not own:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    return sorted(allowed)

@@ -9,6 +9,9 @@ Who may call what (DESIGN §6), decided here and nowhere else:
 - ``GET /v1/connections/{id}/connect`` answers loopback peers only, whatever the flag: whoever
   starts the flow chooses whose grant gets installed, and a browser cannot send the admin
   bearer. Its callback is open: the single-use ``state`` the connect call created guards it.
+- ``POST /v1/webhooks/nango`` answers anyone who can sign: Nango calls it from outside, so it
+  is neither loopback-only nor admin; the service verifies ``X-Nango-Hmac-Sha256`` over the
+  raw body (bounded to 256 KiB here) before it reads a field.
 - ``/v1/jwks`` and ``/v1/openapi.json`` answer anyone on the listener.
 
 A body that is not JSON, or does not validate, is a 400 ``bad-request`` whose ``errors`` name
@@ -28,13 +31,14 @@ from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+from yarl import URL
 
 from revive.api import models as m
 from revive.api.auth import AdminAuth
 from revive.api.openapi import OPERATIONS, build_openapi
 from revive.api.problems import problem_response, with_problems
 from revive.api.service import RecoveryApi
-from revive.errors import BadRequest, Unauthorized
+from revive.errors import BadRequest, PayloadTooLarge, Unauthorized
 from revive.recovery.machine import TransitionNotAllowed
 from revive.store.models import ConflictError
 
@@ -44,6 +48,8 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _M = TypeVar("_M", bound=BaseModel)
 
 _NO_STORE = {"Cache-Control": "no-store"}
+# Nango's auth webhooks are well under 2 KiB; sync webhooks list model names, still small.
+_MAX_WEBHOOK_BYTES = 256 * 1024
 _PAGE_HEADERS = {
     "Cache-Control": "no-store",
     # The callback URL carries the authorization code: never let it leak through a Referer.
@@ -82,6 +88,8 @@ def add_routes(
         "list_cases": h.list_cases,
         "get_case": h.get_case,
         "reconnected": h.reconnected,
+        "connections_at_risk": h.connections_at_risk,
+        "nango_webhook": h.nango_webhook,
         "connect": h.connect,
         "connect_callback": h.connect_callback,
         "issue_recovery_capability": h.issue_recovery_capability,
@@ -179,6 +187,10 @@ class _Handlers:
             connection_id=connection_id, advanced=[m.CaseSummary.from_row(c) for c in cases],
         ))
 
+    async def connections_at_risk(self, request: web.Request) -> web.StreamResponse:
+        risks = await self._api(request).connections_at_risk()
+        return _answer(m.AtRiskList(connections=[m.AtRiskView.from_risk(r) for r in risks]))
+
     async def issue_recovery_capability(self, request: web.Request) -> web.StreamResponse:
         body = await _body(request, m.IssueCapabilityRequest)
         case_id = request.match_info["case_id"]
@@ -194,6 +206,14 @@ class _Handlers:
             )
         return _answer(m.CaseSummary.from_row(case))
 
+    # -- webhook -------------------------------------------------------------------------------
+
+    async def nango_webhook(self, request: web.Request) -> web.StreamResponse:
+        body = await _bounded_body(request, _MAX_WEBHOOK_BYTES)
+        with _case_conflicts():
+            outcome = await self._api(request).nango_webhook(body, request.headers)
+        return _answer(m.NangoWebhookAnswer.from_outcome(outcome))
+
     # -- browser -------------------------------------------------------------------------------
 
     async def connect(self, request: web.Request) -> web.StreamResponse:
@@ -203,8 +223,14 @@ class _Handlers:
                 "host or through a port-forward"
             )
         connection_id = request.match_info["connection_id"]
-        redirect_uri = request.url.origin().with_path(
-            f"/v1/connections/{connection_id}/callback"
+        # The address this socket really answers on, never the Host header: a forged Host
+        # would send the provider's authorization code to a stranger's server.
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if not sockname:
+            raise BadRequest("the connect flow needs the listener's address")
+        redirect_uri = URL.build(
+            scheme="http", host=sockname[0], port=sockname[1],
+            path=f"/v1/connections/{connection_id}/callback",
         )
         location = await self._api(request).begin_connect(connection_id, str(redirect_uri))
         return web.Response(
@@ -252,6 +278,18 @@ async def _body(request: web.Request, model: type[_M]) -> _M:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise _invalid(exc, "body") from None
+
+
+async def _bounded_body(request: web.Request, limit: int) -> bytes:
+    """The raw body, refused past ``limit`` bytes without reading the rest into memory."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the body is over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the body is over {limit} bytes")
+    return bytes(body)
 
 
 def _query(request: web.Request, model: type[_M]) -> _M:

@@ -16,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
+from revive.recovery.risk import AtRisk, WebhookOutcome
 from revive.recovery.service import Minted, Redemption
 from revive.store.models import ActionRow, CaseRow, RunRow, TransitionRow
 
-__all__ = ["Minted", "RecoveryApi", "Redemption"]
+__all__ = ["AtRisk", "Minted", "RecoveryApi", "Redemption", "WebhookOutcome"]
 
 
 class RecoveryApi(Protocol):
@@ -172,6 +173,35 @@ class RecoveryApi(Protocol):
             NotFound: no connection named ``connection_id`` is configured.
             CredentialError: the source cannot lease or the probe failed (rendered as its
                 problem: recovery-required, upstream-unavailable or source-misconfigured).
+        """
+        ...
+
+    async def nango_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookOutcome:
+        """Act on one webhook from Nango, authenticated by its signature, not the admin token.
+
+        Args:
+            body: the raw request body (the signature covers these exact bytes).
+            headers: the request headers (``X-Nango-Hmac-Sha256``, any case).
+
+        Returns:
+            what it did: ``handled`` is false for webhook types and connections not handled
+            here, which are acknowledged so that Nango does not retry them.
+
+        Raises:
+            WebhookSignatureInvalid: no configured nango signing key verifies the signature;
+                nothing changed.
+            BadRequest: a signed body that is not JSON, or an auth webhook missing its fields.
+            CredentialError / RecoveryRequired / UpstreamUnavailable: the reported new grant
+                failed its probe; nothing changed.
+        """
+        ...
+
+    async def connections_at_risk(self) -> list[AtRisk]:
+        """Connections whose grant works but is expected to die.
+
+        Returns:
+            the store's durable marks (e.g. a failed refresh reported by Nango) and each
+            source's own report (``ReportsGrantRisk``), one per (connection, reason), sorted.
         """
         ...
 

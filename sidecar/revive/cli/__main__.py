@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from revive.cli import lab, policies, serve
+from revive.cli import cases, lab, policies, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub)
     lab.register(sub)
     policies.register(sub)
+    cases.register(sub)
     return parser
 
 

@@ -3,7 +3,8 @@
 What matters for a retry decision is not *which* exception aiohttp raised but whether the
 provider can have seen the request: ``NotSent`` (connect refused, DNS, connect timeout) is
 always safe to repeat; ``NoAnswer`` (reset, disconnect, read timeout after sending) leaves a
-mutating request's outcome unknown.
+mutating request's outcome unknown. ``BodyFailed`` is neither: the worker's own streamed body
+broke off (too slow, too large), so the upstream never got a whole request.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
+
+from revive.errors import ProblemError
 
 
 class NotSent(Exception):
@@ -28,6 +31,14 @@ class NoAnswer(Exception):
         super().__init__(reason)
 
 
+class BodyFailed(Exception):
+    """The worker's streamed body failed mid-request; ``problem`` is what the worker is told."""
+
+    def __init__(self, problem: ProblemError) -> None:
+        self.problem = problem
+        super().__init__(problem.detail)
+
+
 async def send(
     session: aiohttp.ClientSession,
     method: str,
@@ -40,6 +51,7 @@ async def send(
     Raises:
         NotSent: the connection could not be established.
         NoAnswer: the connection broke or timed out after the request may have been sent.
+        BodyFailed: the worker's body stream raised (aiohttp wraps that in a connection error).
     """
     try:
         return await session.request(
@@ -55,3 +67,7 @@ async def send(
         raise NoAnswer("the upstream closed the connection without answering") from exc
     except aiohttp.ClientPayloadError as exc:
         raise NoAnswer("the upstream sent a malformed answer") from exc
+    except aiohttp.ClientConnectionError as exc:
+        if isinstance(exc.__cause__, ProblemError):
+            raise BodyFailed(exc.__cause__) from None
+        raise NoAnswer("the upstream connection failed") from exc

@@ -22,7 +22,7 @@ from multidict import CIMultiDictProxy
 
 from revive.classify import Policy
 from revive.proxy.headers import downstream_headers
-from revive.store import ActionRow, ClaimRequest, FinishState, Store
+from revive.store import ActionRow, ClaimRequest, FinishedAction, FinishState, Store
 
 REPLAYED = "Revive-Replayed"
 
@@ -65,12 +65,11 @@ class LedgerEntry:
         headers: CIMultiDictProxy[str] | None = None,
         body: bytes | None = None,
         case_id: str | None = None,
-    ) -> ActionRow:
+    ) -> FinishedAction:
         """Record the outcome and wait until it is durable."""
-        self.action = await self.finish_later(
+        return await self.finish_later(
             state, status=status, headers=headers, body=body, case_id=case_id
         )
-        return self.action
 
     def finish_later(
         self,
@@ -80,7 +79,7 @@ class LedgerEntry:
         headers: CIMultiDictProxy[str] | None = None,
         body: bytes | None = None,
         case_id: str | None = None,
-    ) -> Coroutine[Any, Any, ActionRow]:
+    ) -> Coroutine[Any, Any, FinishedAction]:
         """Mark the claim finished now; return the store write to await (or run) later.
 
         Everything the write needs is captured here, so the caller may answer the worker
@@ -89,12 +88,11 @@ class LedgerEntry:
         """
         response = None
         if status is not None and headers is not None and body is not None:
-            response = json.dumps(
-                {
-                    "status": status,
-                    "headers": downstream_headers(headers),
-                    "body_b64": base64.b64encode(body).decode(),
-                }
+            # Same JSON as json.dumps({"status", "headers", "body_b64"}), built directly: this
+            # runs for every mutating request, and base64 text needs no escaping.
+            response = '{"status": %d, "headers": %s, "body_b64": "%s"}' % (
+                status, json.dumps(downstream_headers(headers)),
+                base64.b64encode(body).decode("ascii"),
             )
         self.done = True
         return self.store.finish(

@@ -50,7 +50,7 @@ from revive.logs import bind_request
 from revive.metrics import Metrics
 from revive.proxy.backoff import backoff_delay
 from revive.proxy.body import EMPTY_BODY, RequestBody, read_body
-from revive.proxy.forward import NoAnswer, NotSent, send
+from revive.proxy.forward import BodyFailed, NoAnswer, NotSent, send
 from revive.proxy.headers import upstream_headers
 from revive.proxy.inspect import inflate_for_classifier, read_prefix
 from revive.proxy.ledger import LedgerEntry, derive_idempotency_key, fingerprint, replay
@@ -60,7 +60,7 @@ from revive.recovery.reconcile import stamp_request
 from revive.recovery.service import RecoveryService
 from revive.redact import redact
 from revive.sources import CredentialSource, Lease
-from revive.store import ActionRow, CaseDraft, ClaimRequest, FinishState
+from revive.store import CaseDraft, ClaimRequest, FinishedAction, FinishState
 from revive.tokens import CapabilityClaims
 
 log = logging.getLogger("revive.proxy")
@@ -143,6 +143,10 @@ class Proxy:
         return response
 
     async def _handle(self, request: web.Request, outcome: list[str]) -> web.StreamResponse:
+        if request.version.major < 1:
+            # llhttp reads "GET /x\nName: v" as HTTP/0.9 plus headers: a raw line break in
+            # the target must never turn into headers of a request that gets forwarded.
+            raise BadRequest("HTTP/0.9 requests are not proxied")
         connection_id, tail, query = split_raw_path(request.raw_path)
         route = self.routes.get(connection_id)
         if route is None:
@@ -269,6 +273,10 @@ class Proxy:
                 raise UpstreamUnavailable(
                     "the upstream could not be reached", attempts=call.transient_tries + 1
                 ) from None
+            except BodyFailed as exc:
+                if call.entry is not None:
+                    call.entry.sent = False  # a body cut short is no request to act on
+                raise exc.problem from None
             except NoAnswer as exc:
                 if call.safe and body.replayable and await self._backoff(call, None):
                     continue
@@ -457,7 +465,7 @@ class Proxy:
         return await relay(call.request, resp, prefix, complete, location)
 
     async def _record(
-        self, write: Coroutine[Any, Any, ActionRow], state: FinishState, key: str
+        self, write: Coroutine[Any, Any, FinishedAction], state: FinishState, key: str
     ) -> None:
         try:
             action = await write

@@ -34,6 +34,7 @@ from revive.errors import (
     UpstreamUnavailable,
 )
 from revive.metrics import Metrics
+from revive.recovery import risk
 from revive.recovery.fences import FenceCache
 from revive.recovery.machine import CaseEvent, CaseState, TransitionNotAllowed, next_state
 from revive.recovery.notify import CaseNotice
@@ -98,6 +99,7 @@ class RecoveryService:
         connect: ConnectFlow | None = None,
         notifier: Notifier | None = None,
         reconnect_url: str | None = None,
+        public_url: str | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.store = store
@@ -112,6 +114,8 @@ class RecoveryService:
         self.notifier: Notifier = notifier or NullNotifier()
         self.reconnect_url = reconnect_url
         """``{connection_id}`` template of the page a human opens to reconnect."""
+        self.public_url = public_url
+        """Where a human's browser reaches this sidecar (config ``public_url``), if set."""
         self.pending: set[asyncio.Task[None]] = set()
         self.metrics = metrics or Metrics()
 
@@ -348,18 +352,66 @@ class RecoveryService:
             return None
         status = rule.committed_status if result.outcome == "committed" else None
         try:
-            return await self.store.settle(
+            settled = await self.store.settle(
                 action.idempotency_key, result.outcome, dict(result.evidence), status=status
             )
         except ConflictError:
             return await self.store.get_action(action.idempotency_key)
+        await self._close_if_committed(settled)
+        return settled
+
+    async def _reconcile_resumed(self, case: CaseRow, action: ActionRow) -> None:
+        binding = self.bindings.get(case.connection_id)
+        if binding is None:
+            return
+        try:
+            await self.reconcile_action(binding, action, _request_of(case))
+        except Exception as exc:  # noqa: BLE001 - background: the run's next try reconciles
+            log.warning(
+                "reconcile of resumed case %s at start-up failed: %s", case.case_id,
+                type(exc).__name__, extra={"case_id": case.case_id, "run_id": case.run_id},
+            )
 
     async def settle_action(
         self, idempotency_key: str, outcome: Literal["committed", "not_committed"],
         evidence: Mapping[str, Any],
     ) -> ActionRow:
         """A worker's own reconcile answer for an ``unknown`` action."""
-        return await self.store.settle(idempotency_key, outcome, dict(evidence))
+        settled = await self.store.settle(idempotency_key, outcome, dict(evidence))
+        await self._close_if_committed(settled)
+        return settled
+
+    async def _close_if_committed(self, action: ActionRow) -> None:
+        # A resumed run's action may commit through a reconcile rather than a relayed 2xx
+        # (its first resumed attempt lost its answer): the case closes all the same.
+        if action.state == "committed" and action.case_id is not None:
+            await self.action_committed(action.case_id, action.idempotency_key)
+
+    async def close_settled_cases(self) -> int:
+        """Close the ``resumed`` cases whose action is committed, or that have none.
+
+        Closing follows the commit (or the redemption) as a second step, which a crash in
+        between skips; start-up runs this so no such case stays ``resumed`` for ever. A
+        resumed action left ``unknown`` (answered, then the crash came before the ledger
+        recorded it, and the run moved on) is reconciled in the background: found, it
+        commits and its case closes.
+        """
+        closed = 0
+        for case in await self.store.list_cases(state=CaseState.RESUMED):
+            key = case.idempotency_key
+            action = await self.store.get_action(key) if key else None
+            if action is not None and action.state == "unknown":
+                self._background(self._reconcile_resumed(case, action))
+                continue
+            if action is not None and action.state != "committed":
+                continue
+            try:
+                await self._move(case, CaseEvent.COMMITTED, "startup",
+                                 {"reason": "committed before a restart", "idempotency_key": key})
+            except ConflictError:
+                continue  # closed concurrently
+            closed += 1
+        return closed
 
     # -- the built-in oauth2 reconnect ----------------------------------------------------------
 
@@ -371,9 +423,17 @@ class RecoveryService:
         return source, config
 
     async def begin_connect(self, connection_id: str, redirect_uri: str) -> str:
-        """Start the authorization-code flow; returns the provider URL to send the human to."""
+        """Start the authorization-code flow; returns the provider URL to send the human to.
+
+        The callback is the connection's configured ``redirect_uri`` (the one registered with
+        the provider), else the callback under ``public_url``, else ``redirect_uri``: the
+        callback on the address the request arrived at.
+        """
         _, config = self._oauth2(connection_id)
-        return self.connect.begin(connection_id, config, redirect_uri)
+        if config.redirect_uri is None and self.public_url is not None:
+            base = self.public_url.rstrip("/")
+            redirect_uri = f"{base}/v1/connections/{connection_id}/callback"
+        return self.connect.begin(connection_id, config, config.redirect_uri or redirect_uri)
 
     async def complete_connect(
         self, connection_id: str, params: Mapping[str, str]
@@ -390,6 +450,16 @@ class RecoveryService:
             result.refresh_token, result.scope, result.access_token, result.expires_in
         )
         return await self.reconnected(connection_id, "oauth2-callback", {"flow": "authorization_code"})
+
+    # -- identity-layer webhooks and grants at risk: revive.recovery.risk -------------------------
+
+    async def nango_webhook(self, body: bytes, headers: Mapping[str, str]) -> risk.WebhookOutcome:
+        """Nango's signed webhook: reconnect, or mark at risk (the rules are in ``risk``)."""
+        return await risk.nango_webhook(self, body, headers)
+
+    async def connections_at_risk(self) -> list[risk.AtRisk]:
+        """The store's at-risk marks merged with each source's own report."""
+        return await risk.connections_at_risk(self)
 
     # -- recovery capabilities --------------------------------------------------------------------
 
@@ -451,16 +521,21 @@ class RecoveryService:
         )
 
     async def action_committed(self, case_id: str, idempotency_key: str) -> None:
-        """The resumed run committed the failed action: close the case."""
+        """The resumed run committed the failed action: close the case, and any earlier case
+        of the same action whose resumed attempt met another dead grant before committing
+        (the action row names only the latest case)."""
         case = await self.store.get_case(case_id)
-        if case is None or case.state != CaseState.RESUMED:
+        if case is None:
             return
-        try:
-            await self._move(
-                case, CaseEvent.COMMITTED, "proxy", {"idempotency_key": idempotency_key}
-            )
-        except ConflictError:
-            pass  # closed concurrently
+        for resumed in await self.store.list_cases(state=CaseState.RESUMED, run_id=case.run_id):
+            if resumed.case_id != case_id and resumed.idempotency_key != idempotency_key:
+                continue
+            try:
+                await self._move(
+                    resumed, CaseEvent.COMMITTED, "proxy", {"idempotency_key": idempotency_key}
+                )
+            except ConflictError:
+                pass  # closed concurrently
 
 
 def _event(

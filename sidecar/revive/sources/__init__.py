@@ -14,9 +14,11 @@ from revive.sources.base import (
 )
 from revive.sources.connect import ConnectFlow, ConnectResult, ConsentDenied
 from revive.sources.factory import build_source
-from revive.sources.grants import Grant, GrantStore
+from revive.sources.grants import Grant, GrantBackend, GrantConflict, GrantStore, StoredGrant
+from revive.sources.keep_alive import GrantKeeper
 from revive.sources.oauth2 import OAuth2Source
 from revive.sources.static import StaticSource
+from revive.sources.vault_grants import VaultGrantStore
 
 __all__ = [
     "TOKEN_REFRESH",
@@ -25,6 +27,9 @@ __all__ = [
     "ConsentDenied",
     "CredentialSource",
     "Grant",
+    "GrantBackend",
+    "GrantConflict",
+    "GrantKeeper",
     "GrantRisk",
     "GrantStore",
     "Lease",
@@ -33,5 +38,7 @@ __all__ = [
     "RefreshVerdict",
     "ReportsGrantRisk",
     "StaticSource",
+    "StoredGrant",
+    "VaultGrantStore",
     "build_source",
 ]

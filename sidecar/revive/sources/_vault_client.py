@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from revive.config import VaultSourceConfig
+from revive.config import VaultAccessConfig
 from revive.errors import CredentialMisconfigured, CredentialUnavailable
 from revive.redact import redact
 from revive.sources.grants import read_secret_file
@@ -50,7 +50,7 @@ class VaultClient:
 
     def __init__(
         self,
-        config: VaultSourceConfig,
+        config: VaultAccessConfig,
         http: aiohttp.ClientSession,
         clock: Callable[[], float] = time.time,
         *,

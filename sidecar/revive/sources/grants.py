@@ -8,23 +8,42 @@ Layout (directories 0700, files 0600)::
 A save is atomic (temp file in the same directory, fsync, ``os.replace``, fsync the directory),
 so a reader, another process or a crash sees either the old grant or the new one, never half of
 either: losing a rotated refresh token kills the grant. All file work runs in a worker thread.
+
+Where a grant lives is the :class:`GrantBackend` seam: :class:`GrantStore` (these files) or
+``revive.sources.vault_grants.VaultGrantStore`` (Vault KV v2, shared by several sidecars).
+Both version every write and refuse one whose expected version is stale
+(:class:`GrantConflict`), so a rotation can never overwrite a newer one. The file store
+checks the version under an exclusive ``flock`` on ``data_dir/locks/<connection_id>.lock``,
+which also covers several processes sharing one ``data_dir``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
 import secrets
 import stat
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.fernet import Fernet, InvalidToken
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from revive.errors import CredentialMisconfigured
+from revive.errors import CredentialMisconfigured, CredentialUnavailable
 from revive.fsutil import fsync_dir
+
+__all__ = [
+    "Grant",
+    "GrantBackend",
+    "GrantConflict",
+    "GrantStore",
+    "StoredGrant",
+    "read_secret_file",
+]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FORMAT = 1
@@ -39,6 +58,8 @@ class Grant(BaseModel):
         generation: bumped by each reconnect (DESIGN §4), kept by refreshes and rotations.
         obtained_at: unix time the grant was installed.
         rotated_at: unix time the provider last rotated the refresh token.
+        last_refreshed_at: unix time the refresh token was last redeemed; persisted so that
+            the idle clock (Entra drops refresh tokens unused for 90 days) survives restarts.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -48,10 +69,103 @@ class Grant(BaseModel):
     generation: int = Field(default=1, ge=1)
     obtained_at: float
     rotated_at: float | None = None
+    last_refreshed_at: float | None = None
+
+    @property
+    def last_used(self) -> float:
+        """When the provider last saw this refresh token: install, rotation or redemption."""
+        return max(self.obtained_at, self.rotated_at or 0.0, self.last_refreshed_at or 0.0)
+
+    def record(self) -> dict[str, object]:
+        """The plain fields as stored (the refresh token in clear: callers seal or vault it)."""
+        return {
+            "refresh_token": self.refresh_token.get_secret_value(),
+            "scope": self.scope,
+            "generation": self.generation,
+            "obtained_at": self.obtained_at,
+            "rotated_at": self.rotated_at,
+            "last_refreshed_at": self.last_refreshed_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StoredGrant:
+    """What a backend holds for one connection, and at which version.
+
+    Attributes:
+        grant: the grant, or ``None`` when nothing is stored (never saved, or deleted).
+        version: the backend's version of the record; ``0`` when it was never written. A
+            write that expects this version succeeds only if nobody wrote in between.
+    """
+
+    grant: Grant | None
+    version: int
+
+
+class GrantConflict(CredentialUnavailable):
+    """A versioned write lost: someone wrote the grant after the version the writer expected.
+
+    Transient by class (nothing is broken), but the writer must read again before deciding:
+    the other writer's grant (e.g. its rotated refresh token) is now the current one.
+    """
+
+
+class GrantBackend(Protocol):
+    """Where the built-in oauth2 refresher keeps its grants (``grant_store`` in its config).
+
+    Every write names the version it expects to replace, so that two writers (two sidecars,
+    a refresh and a reconnect) cannot silently overwrite each other's refresh token.
+    """
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes routinely write this grant (read it before each refresh)."""
+        ...
+
+    @property
+    def settle_seconds(self) -> float:
+        """How long to keep re-reading after the provider rejects the stored token: another
+        writer may have redeemed it and not yet saved the successor."""
+        ...
+
+    async def read(self, connection_id: str) -> StoredGrant:
+        """The current grant and its version.
+
+        Raises:
+            CredentialUnavailable: the backend is failing transiently.
+            CredentialMisconfigured: the record is unreadable or the backend refused us.
+        """
+        ...
+
+    async def write(self, connection_id: str, grant: Grant, expected_version: int | None) -> int:
+        """Store ``grant`` if the current version is still ``expected_version``; durable on
+        return.
+
+        Args:
+            connection_id: whose grant.
+            grant: the new record.
+            expected_version: the version read before deciding to write (``0``: only if none
+                exists); ``None`` writes whatever is there (replacing an unreadable record).
+
+        Returns:
+            The version written.
+
+        Raises:
+            GrantConflict: the version moved on; read again.
+            CredentialUnavailable: transient failure; the write may or may not have happened.
+            CredentialMisconfigured: the backend cannot be written at all.
+        """
+        ...
 
 
 class GrantStore:
-    """Encrypted, atomically replaced grant files; safe to share between sources and processes."""
+    """Encrypted, atomically replaced grant files; safe to share between sources and processes.
+
+    A :class:`GrantBackend`; ``load``/``save`` are the unversioned shortcuts.
+    """
+
+    shared = False
+    settle_seconds = 0.0
 
     def __init__(self, data_dir: Path) -> None:
         self._dir = Path(data_dir)
@@ -72,6 +186,10 @@ class GrantStore:
             )
         return self._dir / "grants" / f"{connection_id}.grant"
 
+    def lock_path(self, connection_id: str) -> Path:
+        """The file whose ``flock`` serialises versioned writes of ``connection_id``."""
+        return self._dir / "locks" / f"{self.path(connection_id).stem}.lock"
+
     async def load(self, connection_id: str) -> Grant | None:
         """Read and decrypt the grant, or ``None`` if none was ever saved.
 
@@ -79,22 +197,66 @@ class GrantStore:
             CredentialMisconfigured: the file is unreadable, does not decrypt under the key, or
                 belongs to another connection (the message names files, never their content).
         """
-        return await asyncio.to_thread(self._load, connection_id)
+        return (await self.read(connection_id)).grant
 
     async def save(self, connection_id: str, grant: Grant) -> None:
-        """Encrypt and atomically replace the grant; durable when this returns.
+        """Encrypt and atomically replace the grant, whatever is there; durable on return.
 
         Raises:
             CredentialMisconfigured: the directory or key cannot be written.
         """
-        await asyncio.to_thread(self._save, connection_id, grant)
+        await self.write(connection_id, grant, None)
 
-    def _load(self, connection_id: str) -> Grant | None:
+    async def read(self, connection_id: str) -> StoredGrant:
+        """See ``GrantBackend.read``; a file from before versions counts as version 1."""
+        return await asyncio.to_thread(self._load, connection_id)
+
+    async def write(self, connection_id: str, grant: Grant, expected_version: int | None) -> int:
+        """See ``GrantBackend.write``.
+
+        Raises:
+            GrantConflict: the file's version is not ``expected_version``.
+            CredentialMisconfigured: the directory, lock or key cannot be written, or the
+                current file is unreadable while a version is expected.
+        """
+        return await asyncio.to_thread(
+            self._write_versioned, connection_id, grant, expected_version
+        )
+
+    def _write_versioned(self, connection_id: str, grant: Grant, expected: int | None) -> int:
+        lock = self.lock_path(connection_id)
+        try:
+            _private_dir(lock.parent)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise CredentialMisconfigured(
+                f"cannot open grant lock {lock}: {exc.strerror or type(exc).__name__}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, also if this process dies
+            try:
+                current = self._load(connection_id).version
+            except CredentialMisconfigured:
+                if expected is not None:
+                    raise
+                current = 0  # an unreadable file is what an unconditional write replaces
+            if expected is not None and current != expected:
+                raise GrantConflict(
+                    f"grant file of {connection_id!r} is at version {current}, not {expected}:"
+                    " another writer won, re-read",
+                    provider_code="grant_version_conflict",
+                )
+            self._save(connection_id, grant, current + 1)
+            return current + 1
+        finally:
+            os.close(fd)
+
+    def _load(self, connection_id: str) -> StoredGrant:
         path = self.path(connection_id)
         try:
             sealed = path.read_bytes()
         except FileNotFoundError:
-            return None
+            return StoredGrant(None, 0)
         except OSError as exc:
             raise CredentialMisconfigured(
                 f"cannot read grant file {path}: {exc.strerror}"
@@ -109,25 +271,23 @@ class GrantStore:
             payload = json.loads(plain)
             if payload.get("connection_id") != connection_id:
                 raise ValueError("connection mismatch")
-            return Grant.model_validate(payload["grant"])
+            version = payload.get("version", 1)
+            if not isinstance(version, int) or version < 1:
+                raise ValueError("bad version")
+            return StoredGrant(Grant.model_validate(payload["grant"]), version)
         except (ValueError, KeyError, TypeError, AttributeError, ValidationError):
             # ValidationError text quotes its input, i.e. the refresh token: never chain it.
             raise CredentialMisconfigured(
                 f"grant file {path} is malformed or belongs to another connection"
             ) from None
 
-    def _save(self, connection_id: str, grant: Grant) -> None:
+    def _save(self, connection_id: str, grant: Grant, version: int) -> None:
         final = self.path(connection_id)
         payload = {
             "format": _FORMAT,
             "connection_id": connection_id,
-            "grant": {
-                "refresh_token": grant.refresh_token.get_secret_value(),
-                "scope": grant.scope,
-                "generation": grant.generation,
-                "obtained_at": grant.obtained_at,
-                "rotated_at": grant.rotated_at,
-            },
+            "version": version,
+            "grant": grant.record(),
         }
         try:
             sealed = self._cipher(create=True).encrypt(json.dumps(payload).encode())

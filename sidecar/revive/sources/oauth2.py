@@ -1,19 +1,37 @@
-"""The built-in refresher: the sidecar holds the (encrypted) refresh token and redeems it itself.
+"""The built-in refresher: the sidecar holds the refresh token and redeems it itself.
 
 Refreshes of one connection are serialised by one lock and shared by everyone waiting for them
 (single flight), because rotating refresh tokens turn two concurrent refreshes into a dead
 grant. The network exchange runs as its own task that callers only ``shield``-await: a client
 that hangs up mid-refresh cannot abort it after the provider has already rotated the token.
 A rotated refresh token is persisted before the new access token is handed out.
+
+The grant lives in a ``GrantBackend`` (``grant_store``: encrypted files under ``data_dir``, or
+Vault KV v2 shared by several sidecars) behind ``GrantSync``, which writes every rotation
+check-and-set against the version read (see ``revive.sources._grant_sync`` for the rules).
+What the refresher adds on top:
+
+* Another writer won the race for a rotation: its grant is adopted. Same generation: the
+  access token this exchange obtained is still handed out (the provider issued it; it is
+  valid). A new generation (a reconnect elsewhere): the adopted grant is redeemed instead.
+* The store fails during write-back (Vault down): the refresh raises
+  ``CredentialUnavailable`` and the new access token is dropped, but the rotated refresh
+  token stays in memory, unsaved. The next refresh (a caller's retry, the proactive refresh
+  or the keep-alive task) redeems that token, not the consumed one the store still holds,
+  and writes its successor against the original version. Only if the process ends before
+  any write succeeds is the rotation lost (with a provider that revokes consumed refresh
+  tokens the grant is then dead and needs a reconnect).
+* Every successful redemption records ``last_refreshed_at`` (best effort when nothing
+  rotated), which keep-alive (``revive.sources.keep_alive``) and ``grant_risk`` read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,9 +41,20 @@ from yarl import URL
 from revive.config import OAuth2SourceConfig
 from revive.errors import CredentialError, CredentialMisconfigured, CredentialUnavailable, DeadGrant
 from revive.redact import redact
-from revive.sources.base import TOKEN_REFRESH, Lease, RefreshClassifier, same_token, superseded
-from revive.sources.grants import Grant, GrantStore, read_secret_file
+from revive.sources._grant_sync import GrantSync
+from revive.sources.base import (
+    TOKEN_REFRESH,
+    GrantRisk,
+    Lease,
+    RefreshClassifier,
+    same_token,
+    superseded,
+)
+from revive.sources.grants import Grant, GrantBackend, read_secret_file
+from revive.sources.keep_alive import GrantKeeper
 from revive.sources.token_endpoint import number, parse_answer, post_form
+
+__all__ = ["OAuth2Source"]
 
 log = logging.getLogger(__name__)
 
@@ -35,45 +64,60 @@ _PROACTIVE_BACKOFF = 5.0  # seconds between failed proactive refreshes, absent a
 class OAuth2Source:
     """``CredentialSource`` that runs the OAuth 2.0 refresh-token grant against ``token_url``.
 
+    Also ``ReportsGrantRisk``: with ``keep_alive.enabled`` it refreshes idle grants in the
+    background (after ``start()``) and reports grants about to die.
+
     Args:
         connection_id: the connection this source serves.
-        config: token endpoint, client and timing settings.
-        grants: where the encrypted refresh token lives.
+        config: token endpoint, client, grant store, keep-alive and timing settings.
+        grants: where the refresh token lives (files under ``data_dir``, Vault).
         classifier: decides what a token-endpoint answer means (the connection's policy).
         http: a shared client session; the source does not close it.
         clock: unix time, replaceable in tests.
         phase: the value passed to ``classifier.classify`` as the phase.
+        rng: uniform [0, 1) draws for the keep-alive jitter, replaceable in tests.
     """
 
     def __init__(
         self,
         connection_id: str,
         config: OAuth2SourceConfig,
-        grants: GrantStore,
+        grants: GrantBackend,
         classifier: RefreshClassifier,
         http: aiohttp.ClientSession,
         clock: Callable[[], float] = time.time,
         *,
         phase: Any = TOKEN_REFRESH,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self.connection_id = connection_id
         self._config = config
-        self._grants = grants
+        self._sync = GrantSync(connection_id, grants)
         self._classifier = classifier
         self._http = http
         self._clock = clock
         self._phase = phase
         self._lock = asyncio.Lock()
         self._lease: Lease | None = None
-        self._grant: Grant | None = None  # latest grant known to this process
         self._client_secret: str | None = None
         self._secret_loaded = False
         self._shared: asyncio.Task[Lease] | None = None  # the plain refresh everyone joins
         self._shared_for: Lease | None = None  # the lease that refresh replaces
-        self._dead: DeadGrant | None = None  # verdict on self._grant, until the grant changes
         self._tasks: set[asyncio.Task[Lease]] = set()
         self._proactive_not_before = 0.0
         self._host = URL(config.token_url).host or config.token_url
+        self._keeper: GrantKeeper | None = None
+        if config.keep_alive.enabled:
+            self._keeper = GrantKeeper(
+                connection_id,
+                config.keep_alive,
+                self._refresh_if_idle,
+                self._known_secrets,
+                clock,
+                rng,
+                # Two exchanges, a settle window and a few grant-store calls, with room.
+                check_timeout=4 * config.token_timeout_seconds + grants.settle_seconds + 30,
+            )
 
     def __repr__(self) -> str:
         return (
@@ -117,26 +161,23 @@ class OAuth2Source:
 
         Raises:
             CredentialMisconfigured: the grant could not be stored.
+            CredentialUnavailable: the grant store failed transiently (nothing was stored).
             CredentialError: fetching the first access token failed (only if none was given).
         """
         async with self._lock:
-            try:
-                stored = await self._grants.load(self.connection_id)
-            except CredentialMisconfigured:
-                stored = None  # a reconnect is how an unreadable grant file gets replaced
-            # Disk may be ahead of memory when another process reconnected meanwhile.
-            known = [g.generation for g in (self._grant, stored) if g is not None]
             now = self._clock()
-            grant = Grant(
-                refresh_token=SecretStr(refresh_token),
-                scope=scope,
-                generation=max(known, default=0) + 1,
-                obtained_at=now,
+            grant = await self._sync.install(
+                lambda generation: Grant(
+                    refresh_token=SecretStr(refresh_token),
+                    scope=scope,
+                    generation=generation,
+                    obtained_at=now,
+                )
             )
-            await self._grants.save(self.connection_id, grant)
-            self._grant, self._dead = grant, None
             self._lease = None
             self._proactive_not_before = 0.0
+            if self._keeper is not None:
+                self._keeper.refreshed()
             if access_token:
                 self._lease = Lease(
                     self.connection_id, grant.generation, access_token, _expiry(expires_in, now)
@@ -144,8 +185,44 @@ class OAuth2Source:
                 return self._lease
             return await self._redeem(grant, None)
 
+    def start(self) -> None:
+        """Start background work: the keep-alive task when enabled (``build_source`` calls
+        this). Needs a running event loop; ``close()`` stops it."""
+        if self._keeper is not None:
+            self._keeper.start()
+
+    @property
+    def keeper(self) -> GrantKeeper | None:
+        """The keep-alive bookkeeping, or ``None`` unless ``keep_alive.enabled``."""
+        return self._keeper
+
+    def grant_risk(self, now: float | None = None) -> GrantRisk | None:
+        """See ``ReportsGrantRisk``: from memory, no provider or grant-store call.
+
+        ``None`` unless ``keep_alive.enabled``, and for a grant known dead (a recovery case
+        covers it). A source that has not read its grant yet (just started: the first
+        keep-alive check reads it within ``min(check_every, 30 s)``) reports only failures.
+        """
+        if self._keeper is None or self._sync.dead is not None:
+            return None
+        grant = self._sync.grant
+        last_used = None if grant is None else grant.last_used
+        return self._keeper.risk(last_used, self._clock() if now is None else now)
+
+    def grant_expires_at(self) -> float | None:
+        """Unix time the provider is expected to drop the grant for disuse, if known.
+
+        ``None`` unless ``keep_alive.enabled`` and the grant was read and is not dead.
+        """
+        grant = self._sync.grant
+        if self._keeper is None or grant is None or self._sync.dead is not None:
+            return None
+        return self._keeper.expires_at(grant.last_used)
+
     async def close(self) -> None:
-        """Cancel any refresh still running (the client session is the caller's)."""
+        """Stop keep-alive and cancel any refresh still running (the session is the caller's)."""
+        if self._keeper is not None:
+            await self._keeper.close()
         for task in (tasks := list(self._tasks)):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -206,61 +283,53 @@ class OAuth2Source:
             if claims is None and superseded(current, observed, self._clock()):
                 assert current is not None
                 return current
-            grant = await self._current_grant()
-            if self._dead is not None:
+            grant = await self._sync.current(self._seed)
+            if self._sync.dead is not None:
                 # Asking again with a token the provider declared dead only earns throttling
-                # (Entra AADSTS50196); a new grant on disk (reconnect elsewhere) lifts it.
-                grant = await self._newer_grant(grant, self._dead)
+                # (Entra AADSTS50196); a new grant in the store (reconnect elsewhere) lifts it.
+                grant = await self._sync.newer(grant, self._sync.dead, settle=False)
             try:
                 return await self._redeem(grant, claims)
             except DeadGrant as dead:
                 # Another process may have rotated the token under us (PROVIDERS.md §1.3):
                 # the provider then rejects ours although the grant is alive.
-                grant = await self._newer_grant(grant, dead)
+                grant = await self._sync.newer(grant, dead, settle=True)
                 log.info("refresh token of %s was rotated elsewhere; retrying", self.connection_id)
                 try:
                     return await self._redeem(grant, claims)
                 except DeadGrant as again:
-                    self._dead = again
+                    self._sync.dead = again
                     raise
 
-    async def _newer_grant(self, used: Grant, dead: DeadGrant) -> Grant:
-        """The stored grant if its token differs from ``used``; else remember and raise ``dead``."""
-        stored = await self._grants.load(self.connection_id)
-        token = used.refresh_token.get_secret_value()
-        if stored is None or stored.refresh_token.get_secret_value() == token:
-            self._dead = dead
-            raise DeadGrant(
-                str(dead), provider_code=dead.provider_code, provider_message=dead.provider_message
-            )
-        self._grant, self._dead = stored, None
-        return stored
+    # -- keep-alive --------------------------------------------------------------------------
+
+    async def _refresh_if_idle(self) -> bool:
+        """One keep-alive check: refresh when idle too long, or when a rotation is unsaved."""
+        assert self._keeper is not None
+        async with self._lock:
+            grant = await self._sync.current(self._seed)
+            unsaved = self._sync.unsaved
+        if not unsaved and not self._keeper.due(grant.last_used, self._clock()):
+            return False
+        await self._join_refresh(self._lease)
+        return True
 
     # -- one exchange ------------------------------------------------------------------------
 
-    async def _current_grant(self) -> Grant:
-        if self._grant is None:
-            grant = await self._grants.load(self.connection_id)
-            if grant is None and self._config.refresh_token_file is not None:
-                grant = await self._bootstrap(self._config.refresh_token_file)
-            if grant is None:
-                raise DeadGrant(
-                    f"no grant on record for connection {self.connection_id!r}; connect it first",
-                    provider_code="no_grant",
-                )
-            self._grant = grant
-        return self._grant
-
-    async def _bootstrap(self, path: Path) -> Grant:
+    async def _seed(self, version: int) -> Grant | None:
+        """Seal ``refresh_token_file`` into the grant store, once, when it holds nothing."""
+        path = self._config.refresh_token_file
+        if path is None:
+            return None
         token = await read_secret_file(path, f"refresh_token_file of {self.connection_id!r}")
         grant = Grant(
             refresh_token=SecretStr(token),
             scope=" ".join(self._config.scopes) or None,
             obtained_at=self._clock(),
         )
-        await self._grants.save(self.connection_id, grant)
+        kept = await self._sync.seed(grant, version)
         log.info("sealed refresh_token_file of %s into the grant store", self.connection_id)
-        return grant
+        return kept
 
     async def _secret(self) -> str | None:
         if not self._secret_loaded and self._config.client_secret_file is not None:
@@ -272,14 +341,17 @@ class OAuth2Source:
 
     def _known_secrets(self) -> list[str]:
         known = [self._client_secret or ""]
-        if self._grant is not None:
-            known.append(self._grant.refresh_token.get_secret_value())
+        if self._sync.grant is not None:
+            known.append(self._sync.grant.refresh_token.get_secret_value())
         if self._lease is not None:
             known.append(self._lease.access_token)
         return known
 
-    async def _redeem(self, grant: Grant, claims: str | None) -> Lease:
-        """One refresh-token exchange; raises the CredentialError its answer calls for."""
+    async def _redeem(self, grant: Grant, claims: str | None, *, adopted: bool = False) -> Lease:
+        """One refresh-token exchange; raises the CredentialError its answer calls for.
+
+        ``adopted``: ``grant`` was just taken from another writer; do not chase a third.
+        """
         refresh_token = grant.refresh_token.get_secret_value()
         form = {
             "grant_type": "refresh_token",
@@ -296,7 +368,7 @@ class OAuth2Source:
         verdict = self._classifier.classify(self._phase, status, headers, body)
         kind = str(verdict.failure_class)
         if kind == "ok":
-            return await self._accept(grant, headers, body)
+            return await self._accept(grant, headers, body, claims, adopted)
         secrets = [refresh_token, *self._known_secrets()]
         code = redact(verdict.provider_code, secrets) if verdict.provider_code else None
         message = redact(verdict.message, secrets) if verdict.message else None
@@ -320,7 +392,14 @@ class OAuth2Source:
     async def _post(self, form: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]:
         return await post_form(self._http, self._config, form, self._host)
 
-    async def _accept(self, grant: Grant, headers: Mapping[str, str], body: bytes) -> Lease:
+    async def _accept(
+        self,
+        grant: Grant,
+        headers: Mapping[str, str],
+        body: bytes,
+        claims: str | None,
+        adopted: bool,
+    ) -> Lease:
         payload = parse_answer(headers.get("Content-Type", ""), body)
         access_token = payload.get("access_token")
         if not isinstance(access_token, str) or not access_token:
@@ -329,18 +408,32 @@ class OAuth2Source:
             )
         now = self._clock()
         new_rt = payload.get("refresh_token")
-        if isinstance(new_rt, str) and new_rt and new_rt != grant.refresh_token.get_secret_value():
+        update: dict[str, Any] = {"last_refreshed_at": now}
+        rotated = isinstance(new_rt, str) and bool(new_rt)
+        if rotated and new_rt != grant.refresh_token.get_secret_value():
             scope = payload.get("scope")
-            grant = grant.model_copy(
-                update={
-                    "refresh_token": SecretStr(new_rt),
-                    "rotated_at": now,
-                    "scope": scope if isinstance(scope, str) and scope else grant.scope,
-                }
-            )
-            # Kept in memory first: if the disk write fails, the next refresh still has it.
-            self._grant = grant
-            await self._grants.save(self.connection_id, grant)
+            update["refresh_token"] = SecretStr(str(new_rt))
+            update["rotated_at"] = now
+            update["scope"] = scope if isinstance(scope, str) and scope else grant.scope
+        else:
+            rotated = False
+        updated = grant.model_copy(update=update)
+        if rotated or self._sync.unsaved:
+            kept = await self._sync.write_back(grant, updated, required=True)
+        else:
+            try:
+                kept = await self._sync.write_back(grant, updated, required=False)
+            except CredentialError as exc:
+                kept = updated  # only the refresh time is not on record; nothing is lost
+                log.warning(
+                    "could not record the refresh time of %s: %s",
+                    self.connection_id, redact(str(exc), self._known_secrets()),
+                )
+        if kept is not updated and kept.generation != grant.generation and not adopted:
+            # A reconnect elsewhere replaced the grant while we refreshed the old one.
+            return await self._redeem(kept, claims, adopted=True)
+        if self._keeper is not None:
+            self._keeper.refreshed()  # only now: a rotation Vault refused is still a failure
         expires_at = _expiry(number(payload.get("expires_in")), now)
         self._lease = Lease(self.connection_id, grant.generation, access_token, expires_at)
         self._proactive_not_before = 0.0

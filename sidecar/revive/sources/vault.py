@@ -30,7 +30,7 @@ from urllib.parse import quote
 import aiohttp
 
 from revive.errors import CredentialUnavailable, DeadGrant
-from revive.config import VaultSourceConfig
+from revive.config import VaultAccessConfig, VaultSourceConfig
 from revive.sources._vault_client import VaultClient, vault_errors
 from revive.sources.base import Lease, superseded
 from revive.sources.token_endpoint import number
@@ -64,7 +64,7 @@ class VaultSecret:
     lease_duration: float | None = None
 
 
-def _data_path(config: VaultSourceConfig) -> str:
+def _data_path(config: VaultAccessConfig) -> str:
     return f"{quote(config.mount)}/data/{quote(config.path)}"
 
 
@@ -118,7 +118,7 @@ async def read_secret(
 
 async def write_with_cas(
     http: aiohttp.ClientSession,
-    config: VaultSourceConfig,
+    config: VaultAccessConfig,
     data: dict[str, Any],
     expected_version: int,
     *,

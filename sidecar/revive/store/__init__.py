@@ -9,9 +9,11 @@ from revive.store.factory import open_store
 from revive.store.models import (
     ActionRow,
     ActionState,
+    AtRiskRow,
     CaseDraft,
     CaseRow,
     ClaimOutcome,
+    FinishedAction,
     ClaimRequest,
     ConflictError,
     ConnectionRow,
@@ -36,9 +38,11 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "ActionRow",
     "ActionState",
+    "AtRiskRow",
     "CaseDraft",
     "CaseRow",
     "ClaimOutcome",
+    "FinishedAction",
     "ClaimRequest",
     "ConflictError",
     "ConnectionRow",

@@ -41,6 +41,8 @@ from revive.store.models import (
     CaseDraft,
     CaseRow,
     ClaimOutcome,
+    FinishedAction,
+    FinishState,
     ClaimRequest,
     ConflictError,
     ConnectionRow,
@@ -232,17 +234,17 @@ async def claim_existing(conn: Conn, now: float, req: ClaimRequest) -> ClaimOutc
 
 
 async def finish(
-    conn: Conn, now: float, key: str, owner: str, state: str,
+    conn: Conn, now: float, key: str, owner: str, state: FinishState,
     status: int | None, response: str | None, case_id: str | None,
-) -> ActionRow:
+) -> FinishedAction:
     row = await conn.fetchrow(
         "UPDATE actions SET state = $1, status = $2, response = $3,"
         " case_id = COALESCE($4, case_id), updated_at = $5"
-        f" WHERE idempotency_key = $6 AND state = 'in_flight' AND owner = $7 RETURNING {A}",
+        " WHERE idempotency_key = $6 AND state = 'in_flight' AND owner = $7 RETURNING case_id",
         state, status, response, case_id, now, key, owner,
     )
     if row is not None:
-        return rows.action_row(row)
+        return FinishedAction(key, state, status, row[0])
     current = await get_action(conn, key)
     if current is None:
         raise NotFound("unknown idempotency key", idempotency_key=key)

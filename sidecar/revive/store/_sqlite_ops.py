@@ -26,9 +26,12 @@ from revive.store import _sqlite_rows as rows
 from revive.store.models import (
     PAST_RECOVERY_CASE_STATES,
     ActionRow,
+    AtRiskRow,
     CaseDraft,
     CaseRow,
     ClaimOutcome,
+    FinishedAction,
+    FinishState,
     ClaimRequest,
     ConflictError,
     ConnectionRow,
@@ -100,6 +103,24 @@ def record_reconnect(
     )
 
 
+def mark_at_risk(
+    conn: Conn, now: float, connection_id: str, reason: str, detail: str,
+    expires_at: float | None,
+) -> AtRiskRow:
+    row = rows.fetch_one(
+        conn, rows.UPSERT_AT_RISK.format("?", "?", "?", "?", "?"),
+        (connection_id, reason, detail, expires_at, now),
+    )
+    assert row is not None  # an upsert with RETURNING always yields its row
+    return rows.at_risk_row(row)
+
+
+def clear_at_risk(conn: Conn, now: float, connection_id: str) -> bool:
+    return _count(
+        conn, "DELETE FROM connections_at_risk WHERE connection_id = ?", (connection_id,)
+    ) > 0
+
+
 # -- runs ------------------------------------------------------------------------------------------
 
 
@@ -143,27 +164,39 @@ def mint_check(
 
 # -- action ledger -------------------------------------------------------------------------------
 
+_CLAIM_PROBE = (
+    "SELECT (SELECT epoch FROM runs WHERE run_id = ?),"
+    " (SELECT generation FROM connections WHERE connection_id = ?),"
+    " EXISTS (SELECT 1 FROM actions WHERE idempotency_key = ?)"
+)
+
+
 
 def claim(conn: Conn, now: float, req: ClaimRequest) -> ClaimOutcome:
-    stored_epoch, stored_generation = rows.fence_values(conn, req.run_id, req.connection_id)
+    # Every mutating request runs this on the writer's thread, which shares the GIL with the
+    # event loop: one statement for the fence and the key's existence, and a new row built
+    # from what was inserted rather than read back (it is a fresh key: nothing else is there).
+    key = req.idempotency_key
+    found = rows.fetch_one(conn, _CLAIM_PROBE, (req.run_id, req.connection_id, key))
+    assert found is not None  # a SELECT without FROM always yields one row
     refusal = fence_error(
-        req.run_id, req.epoch, stored_epoch, req.connection_id, req.generation, stored_generation
+        req.run_id, req.epoch, found[0], req.connection_id, req.generation, found[1]
     )
     if refusal is not None:
         raise refusal
-    key = req.idempotency_key
-    current = rows.get_action(conn, key)
+    current = rows.get_action(conn, key) if found[2] else None
     if current is None:
-        row = rows.fetch_one(
-            conn,
+        conn.execute(
             "INSERT INTO actions (idempotency_key, run_id, action_key, checkpoint_id,"
             " connection_id, fingerprint, state, attempts, owner, updated_at)"
-            f" VALUES (?, ?, ?, ?, ?, ?, 'in_flight', 1, ?, ?) RETURNING {rows.ACTION_COLUMNS}",
+            " VALUES (?, ?, ?, ?, ?, ?, 'in_flight', 1, ?, ?)",
             (key, req.run_id, req.action_key, req.checkpoint_id, req.connection_id,
              req.fingerprint, req.owner, now),
         )
-        assert row is not None
-        return ClaimOutcome("claimed", rows.action_row(row))
+        return ClaimOutcome("claimed", ActionRow(
+            key, req.run_id, req.action_key, req.checkpoint_id, req.connection_id,
+            req.fingerprint, "in_flight", 1, None, None, None, req.owner, None, now,
+        ))
     if current.fingerprint != req.fingerprint or current.run_id != req.run_id:
         raise IdempotencyMismatch("the key was used for another request", idempotency_key=key)
     match current.state:
@@ -188,19 +221,18 @@ def claim(conn: Conn, now: float, req: ClaimRequest) -> ClaimOutcome:
 
 
 def finish(
-    conn: Conn, now: float, key: str, owner: str, state: str,
+    conn: Conn, now: float, key: str, owner: str, state: FinishState,
     status: int | None, response: str | None, case_id: str | None,
-) -> ActionRow:
+) -> FinishedAction:
     row = rows.fetch_one(
         conn,
         "UPDATE actions SET state = ?, status = ?, response = ?,"
         " case_id = COALESCE(?, case_id), updated_at = ?"
-        " WHERE idempotency_key = ? AND state = 'in_flight' AND owner = ?"
-        f" RETURNING {rows.ACTION_COLUMNS}",
+        " WHERE idempotency_key = ? AND state = 'in_flight' AND owner = ? RETURNING case_id",
         (state, status, response, case_id, now, key, owner),
     )
     if row is not None:
-        return rows.action_row(row)
+        return FinishedAction(key, state, status, row[0])
     current = rows.get_action(conn, key)
     if current is None:
         raise NotFound("unknown idempotency key", idempotency_key=key)

@@ -11,6 +11,7 @@ from typing import Any, cast
 from revive.store.models import (
     ActionRow,
     ActionState,
+    AtRiskRow,
     CaseRow,
     ConnectionRow,
     ConnectionState,
@@ -30,6 +31,17 @@ CASE_COLUMNS = (
     " outcome, workflow, created_at, updated_at"
 )
 TRANSITION_COLUMNS = "case_id, seq, from_state, to_state, at, actor, evidence"
+AT_RISK_COLUMNS = "connection_id, reason, detail, expires_at, marked_at"
+# One mark per connection; ``marked_at`` says since when, so a repeat of the same reason keeps
+# it. Both engines spell the upsert this way (SQLite >= 3.24); parameters are named by position.
+UPSERT_AT_RISK = (
+    f"INSERT INTO connections_at_risk ({AT_RISK_COLUMNS}) VALUES ({{}}, {{}}, {{}}, {{}}, {{}})"
+    " ON CONFLICT (connection_id) DO UPDATE SET reason = excluded.reason,"
+    " detail = excluded.detail, expires_at = excluded.expires_at,"
+    " marked_at = CASE WHEN connections_at_risk.reason = excluded.reason"
+    " THEN connections_at_risk.marked_at ELSE excluded.marked_at END"
+    f" RETURNING {AT_RISK_COLUMNS}"
+)
 
 
 def dump_json(value: Mapping[str, Any]) -> str:
@@ -72,6 +84,10 @@ def case_row(r: sqlite3.Row) -> CaseRow:
 
 def transition_row(r: sqlite3.Row) -> TransitionRow:
     return TransitionRow(r[0], r[1], r[2], r[3], r[4], r[5], _load(r[6]) or {})
+
+
+def at_risk_row(r: sqlite3.Row) -> AtRiskRow:
+    return AtRiskRow(r[0], r[1], r[2], r[3], r[4])
 
 
 def fetch_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:

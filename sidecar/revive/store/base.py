@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from revive.store.models import (
     ActionRow,
+    AtRiskRow,
     ActionState,
     CaseDraft,
     CaseRow,
@@ -26,6 +27,7 @@ from revive.store.models import (
     ClaimRequest,
     ConflictError,
     ConnectionRow,
+    FinishedAction,
     FinishState,
     Outcome,
     RedeemResult,
@@ -35,9 +37,9 @@ from revive.store.models import (
 )
 
 __all__ = [
-    "ActionRow", "ActionState", "CaseDraft", "CaseRow", "ClaimOutcome", "ClaimRequest",
-    "ConflictError", "ConnectionRow", "FinishState", "Outcome", "RedeemResult", "RunRow", "Store",
-    "StoreUnavailable", "TransitionRow",
+    "ActionRow", "ActionState", "AtRiskRow", "CaseDraft", "CaseRow", "ClaimOutcome", "ClaimRequest",
+    "ConflictError", "ConnectionRow", "FinishedAction", "FinishState", "Outcome", "RedeemResult",
+    "RunRow", "Store", "StoreUnavailable", "TransitionRow",
 ]
 
 
@@ -81,6 +83,37 @@ class Store(Protocol):
             revive.errors.NotFound: unknown connection.
             ConflictError: the generation moved since the caller read it.
         """
+        ...
+
+    async def mark_at_risk(
+        self, connection_id: str, reason: str, detail: str, expires_at: float | None = None
+    ) -> AtRiskRow:
+        """Mark a connection's grant at risk (it works, but is expected to die), one transaction.
+
+        A connection has at most one mark: a new one replaces it. ``marked_at`` is kept when
+        the reason is unchanged (so it says since when), and reset when the reason changes.
+
+        Args:
+            connection_id: the connection; the store does not check that it is known.
+            reason: a stable slug (``identity-layer-auth-failed``, ``idle-grant-expiring``).
+            detail: a short sentence, already redacted by the caller.
+            expires_at: unix time the grant is expected to die, if known.
+
+        Returns:
+            The mark as stored.
+        """
+        ...
+
+    async def clear_at_risk(self, connection_id: str) -> bool:
+        """Remove the connection's mark (its grant was replaced or works again).
+
+        Returns:
+            Whether there was a mark to remove.
+        """
+        ...
+
+    async def list_at_risk(self) -> list[AtRiskRow]:
+        """Every mark, ordered by ``connection_id``."""
         ...
 
     # -- runs ----------------------------------------------------------------------------------
@@ -155,7 +188,7 @@ class Store(Protocol):
         status: int | None = None,
         response: str | None = None,
         case_id: str | None = None,
-    ) -> ActionRow:
+    ) -> FinishedAction:
         """Record how an ``in_flight`` action ended; only its owner may.
 
         Args:
@@ -166,6 +199,9 @@ class Store(Protocol):
             status: the upstream status to replay.
             response: the caller's serialised answer to replay (bounded, opaque here).
             case_id: the recovery case the failure opened, if any.
+
+        Returns:
+            The recorded state, with the case the action belongs to (given now or before).
 
         Raises:
             revive.errors.NotFound: no such key.

@@ -13,7 +13,11 @@ import sqlite3
 from dataclasses import dataclass
 from importlib import resources
 
-MIGRATIONS: tuple[str, ...] = ("0001_initial.sql", "0002_lean_action_indexes.sql")
+MIGRATIONS: tuple[str, ...] = (
+    "0001_initial.sql",
+    "0002_lean_action_indexes.sql",
+    "0003_connections_at_risk.sql",
+)
 """Applied in this order; version = the file's leading number."""
 
 SCHEMA_VERSION_DDL = (

@@ -82,6 +82,28 @@ class ConnectionRow:
 
 
 @dataclass(frozen=True, slots=True)
+class AtRiskRow:
+    """A connection whose grant still works but is expected to die, as the store keeps it.
+
+    The same fields as ``revive.sources.GrantRisk`` plus ``marked_at``; the store does not
+    import ``revive.sources`` (siblings stay independent), the recovery service converts.
+
+    Attributes:
+        connection_id: the connection at risk; one mark per connection.
+        reason: a stable slug (``identity-layer-auth-failed``, ...).
+        detail: a short human sentence, already free of secrets.
+        expires_at: unix time the grant is expected to die, when known.
+        marked_at: since when the connection has been at risk for this ``reason``.
+    """
+
+    connection_id: str
+    reason: str
+    detail: str
+    expires_at: float | None
+    marked_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class RunRow:
     """One logical execution of the runtime and its current epoch (DESIGN §4)."""
 
@@ -182,6 +204,20 @@ class ClaimOutcome:
 
     kind: Literal["claimed", "replay"]
     action: ActionRow
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedAction:
+    """What ``Store.finish`` recorded: the new state and the case waiting on the action.
+
+    Not the whole row: every mutating request finishes one, on a thread that shares the GIL
+    with the event loop, and its caller needs only to know whether a recovery case waits.
+    """
+
+    idempotency_key: str
+    state: FinishState
+    status: int | None
+    case_id: str | None
 
 
 @dataclass(frozen=True, slots=True)

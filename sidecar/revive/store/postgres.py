@@ -36,10 +36,12 @@ from revive.store.models import (
     MAX_RESPONSE_CHARS,
     ActionRow,
     ActionState,
+    AtRiskRow,
     CaseDraft,
     CaseRow,
     ClaimOutcome,
     ClaimRequest,
+    FinishedAction,
     ConflictError,
     ConnectionRow,
     FinishState,
@@ -191,6 +193,28 @@ class PostgresStore:
             expected_generation=expected_generation,
         )
 
+    async def mark_at_risk(
+        self, connection_id: str, reason: str, detail: str, expires_at: float | None = None
+    ) -> AtRiskRow:
+        now = self._clock()
+        row = await self._run(lambda c: c.fetchrow(
+            rows.UPSERT_AT_RISK.format("$1", "$2", "$3", "$4", "$5"),
+            connection_id, reason, detail, expires_at, now,
+        ))
+        return rows.at_risk_row(row)
+
+    async def clear_at_risk(self, connection_id: str) -> bool:
+        status: str = await self._run(lambda c: c.execute(
+            "DELETE FROM connections_at_risk WHERE connection_id = $1", connection_id
+        ))
+        return ops.updated(status) > 0
+
+    async def list_at_risk(self) -> list[AtRiskRow]:
+        found = await self._run(lambda c: c.fetch(
+            f"SELECT {rows.AT_RISK_COLUMNS} FROM connections_at_risk ORDER BY connection_id"
+        ))
+        return [rows.at_risk_row(r) for r in found]
+
     # -- runs ----------------------------------------------------------------------------------
 
     async def mint_check(self, run_id: str, epoch: int, workflow: str | None = None) -> RunRow:
@@ -222,7 +246,7 @@ class PostgresStore:
     async def finish(
         self, idempotency_key: str, owner: str, state: FinishState,
         status: int | None = None, response: str | None = None, case_id: str | None = None,
-    ) -> ActionRow:
+    ) -> FinishedAction:
         if state not in _FINISH_STATES:
             raise ValueError(f"cannot finish an action as {state!r}")
         _check_response(response)

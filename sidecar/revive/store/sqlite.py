@@ -9,6 +9,13 @@ Two stdlib ``sqlite3`` connections, each owned by its own single thread
 - the *reader* connection answers plain reads, one trip each; WAL lets it read while the writer
   commits, and a write's caller is answered only after its commit, so it reads its own writes.
 
+Why not aiosqlite, which DESIGN §9 names: it is the same design (one thread per connection
+running stdlib ``sqlite3``) but with one thread hop, and one event-loop wake-up, per call. A
+batch of N operations would cost about 4N + 2 hops (BEGIN, a savepoint, the statements and its
+release per operation, COMMIT); here it costs one, which is what lets group commit keep up with
+the proxy. aiosqlite stays a test dependency: tests read the file through it as an independent
+second client.
+
 Several processes may open the same file (``busy_timeout`` waits for the write lock), but a
 sidecar fleet should share PostgreSQL instead.
 """
@@ -49,10 +56,12 @@ from revive.store.models import (
     MAX_RESPONSE_CHARS,
     ActionRow,
     ActionState,
+    AtRiskRow,
     CaseDraft,
     CaseRow,
     ClaimOutcome,
     ClaimRequest,
+    FinishedAction,
     ConnectionRow,
     FinishState,
     Outcome,
@@ -175,6 +184,26 @@ class SqliteStore:
             expected_generation=expected_generation,
         ))
 
+    async def mark_at_risk(
+        self, connection_id: str, reason: str, detail: str, expires_at: float | None = None
+    ) -> AtRiskRow:
+        return await self._write(functools.partial(
+            ops.mark_at_risk, now=self._clock(), connection_id=connection_id, reason=reason,
+            detail=detail, expires_at=expires_at,
+        ))
+
+    async def clear_at_risk(self, connection_id: str) -> bool:
+        return await self._write(
+            functools.partial(ops.clear_at_risk, now=self._clock(), connection_id=connection_id)
+        )
+
+    async def list_at_risk(self) -> list[AtRiskRow]:
+        found = await self._read(
+            rows.fetch_all,
+            f"SELECT {rows.AT_RISK_COLUMNS} FROM connections_at_risk ORDER BY connection_id", (),
+        )
+        return [rows.at_risk_row(r) for r in found]
+
     # -- runs ----------------------------------------------------------------------------------
 
     async def mint_check(self, run_id: str, epoch: int, workflow: str | None = None) -> RunRow:
@@ -206,7 +235,7 @@ class SqliteStore:
     async def finish(
         self, idempotency_key: str, owner: str, state: FinishState,
         status: int | None = None, response: str | None = None, case_id: str | None = None,
-    ) -> ActionRow:
+    ) -> FinishedAction:
         if state not in _FINISH_STATES:
             raise ValueError(f"cannot finish an action as {state!r}")
         _check_response(response)

@@ -20,6 +20,8 @@ Nango's own server code (read 2026-11):
   (https://nango.dev/docs/guides/auth/token-refreshing, ``REFRESH_MARGIN_MS``).
 - Secret-key auth: 401 ``{"error": {"code": "unknown_account", ...}}`` for a key that matches
   no environment (``NangoError('unknown_account')`` in ``packages/shared/lib/utils/error.ts``).
+- Upstream mode and the connect flow (``revive.testing.fake_nango_connect``): a connection
+  holds a real refresh token of the fake provider and is refreshed at its token endpoint.
 - Webhooks: https://nango.dev/docs/guides/platform/webhooks-from-nango — POST, JSON body with
   stable key order, ``X-Nango-Hmac-Sha256`` = hex HMAC-SHA256(signing key, body) plus the legacy
   ``X-Nango-Signature`` = hex SHA-256(key + body); ``auth`` payload with ``operation``
@@ -28,6 +30,11 @@ Nango's own server code (read 2026-11):
     async with running_fake_nango(secret_key="sk") as nango:
         nango.add_connection("acme", "microsoft")
         nango.fail_refresh("acme", "invalid_grant")
+
+    async with running_fake_nango(secret_key="sk") as nango:  # upstream mode
+        nango.upstreams["microsoft"] = UpstreamOAuth(token_url, authorize_url, "id", "secret")
+        nango.add_upstream_connection("acme", "microsoft", refresh_token=grant["refresh_token"])
+        nango.webhook_url = sidecar_url + "/v1/webhooks/nango"
 """
 
 from __future__ import annotations
@@ -48,10 +55,18 @@ import aiohttp
 from aiohttp import web
 
 from revive.sources._nango_webhooks import LEGACY_SIGNATURE_HEADER, SIGNATURE_HEADER
+from revive.testing.fake_nango_connect import (
+    PendingConnect,
+    UpstreamOAuth,
+    add_connect_routes,
+    refresh_upstream,
+)
 
 __all__ = [
     "FakeNango",
     "FakeNangoConnection",
+    "UpstreamOAuth",
+    "WebhookDelivery",
     "running_fake_nango",
     "send_auth_webhook",
     "webhook_body",
@@ -76,6 +91,16 @@ class FakeNangoConnection:
     refresh_exhausted: bool = False
     last_refresh_failure: float | None = None
     refreshes: int = 0
+    refresh_token: str | None = field(default=None, repr=False)  # upstream mode only
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """One webhook the fake POSTed, with the receiver's answer."""
+
+    body: bytes
+    status: int
+    answer: bytes
 
 
 @dataclass
@@ -90,6 +115,12 @@ class FakeNango:
     calls: list[dict[str, Any]] = field(default_factory=list)
     server_error: int | None = None  # answer every API call with this 5xx while set
     delay: float = 0.0  # seconds each GET connection waits before answering
+    upstreams: dict[str, UpstreamOAuth] = field(default_factory=dict)  # integration → client
+    pending: dict[str, PendingConnect] = field(default_factory=dict)  # connect flows by state
+    webhook_url: str | None = None  # where auth webhooks go; none are sent while unset
+    webhook_signing_key: str | None = field(default=None, repr=False)  # default: secret key
+    webhooks: list[WebhookDelivery] = field(default_factory=list)
+    http: aiohttp.ClientSession | None = None  # for the provider and webhooks; set when served
     _next_id: int = 1
 
     # -- control (tests call these directly) -----------------------------------------------
@@ -115,6 +146,65 @@ class FakeNango:
         self._next_id += 1
         self.connections[(provider_config_key, connection_id)] = conn
         return conn
+
+    def add_upstream_connection(
+        self, connection_id: str, provider_config_key: str, *, refresh_token: str,
+        access_token: str | None = None, expires_in: float = 3600,
+    ) -> FakeNangoConnection:
+        """A connection whose grant the provider issued; without an access token, the first
+        read refreshes it at the provider. ``upstreams[provider_config_key]`` must be set."""
+        assert provider_config_key in self.upstreams, "configure the integration's client first"
+        conn = self.add_connection(connection_id, provider_config_key)
+        conn.refresh_token = refresh_token
+        if access_token is None:
+            conn.expires_at = 0.0
+        else:
+            conn.access_token, conn.expires_at = access_token, self.clock() + expires_in
+        return conn
+
+    def install_grant(
+        self, connection_id: str, provider_config_key: str, access_token: str,
+        refresh_token: str, expires_in: float,
+    ) -> FakeNangoConnection:
+        """Store a grant from the connect flow: same record on an override, failures cleared."""
+        conn = self.connections.get((provider_config_key, connection_id))
+        if conn is None:
+            conn = self.add_connection(connection_id, provider_config_key)
+        conn.access_token, conn.refresh_token = access_token, refresh_token
+        conn.expires_at = self.clock() + expires_in
+        conn.refresh_mode, conn.refresh_exhausted, conn.last_refresh_failure = "ok", False, None
+        return conn
+
+    def connect_url(self, provider_config_key: str, connection_id: str) -> str:
+        """The link a human opens to (re-)authorize a connection in Nango's connect UI."""
+        return f"{self.url}/oauth/connect/{provider_config_key}?connection_id={connection_id}"
+
+    async def notify_auth(
+        self, connection_id: str, provider_config_key: str, *, operation: str, success: bool,
+        error_type: str | None = None, error_description: str | None = None,
+    ) -> WebhookDelivery | None:
+        """POST a signed ``auth`` webhook to ``webhook_url``, as Nango does after auth events."""
+        if self.webhook_url is None:
+            return None
+        body = webhook_body(
+            connection_id, provider_config_key, operation=operation, success=success,
+            error_type=error_type, error_description=error_description,
+        )
+        status, answer = await send_auth_webhook(
+            self.webhook_url, self.webhook_signing_key or self.secret_key, body, session=self.http
+        )
+        delivery = WebhookDelivery(body, status, answer)
+        self.webhooks.append(delivery)
+        return delivery
+
+    async def background_refresh(self, connection_id: str, provider_config_key: str) -> bool:
+        """Nango's own periodic refresh, no caller involved; a failure sends the webhook.
+
+        Returns:
+            Whether the refresh succeeded.
+        """
+        conn = self.connection(connection_id, provider_config_key)
+        return await self._refresh_if_needed(conn, force=True) is None
 
     def connection(self, connection_id: str, provider_config_key: str) -> FakeNangoConnection:
         return self.connections[(provider_config_key, connection_id)]
@@ -153,6 +243,7 @@ class FakeNango:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/connection/{connectionId}", self._get_connection)
+        add_connect_routes(app, self)
         return app
 
     async def _get_connection(self, request: web.Request) -> web.Response:
@@ -207,7 +298,7 @@ class FakeNango:
         if conn is None:
             return _error(404, "not_found", "Failed to find connection")
         force = query.get("force_refresh") == "true"
-        failure = self._refresh_if_needed(conn, force)
+        failure = await self._refresh_if_needed(conn, force)
         if failure is not None:
             status, message, payload = failure
             return web.json_response(
@@ -222,7 +313,7 @@ class FakeNango:
             )
         return web.json_response(self._public(conn, credentials=True))
 
-    def _refresh_if_needed(
+    async def _refresh_if_needed(
         self, conn: FakeNangoConnection, force: bool
     ) -> tuple[int, str, dict[str, Any]] | None:
         now = self.clock()
@@ -233,6 +324,24 @@ class FakeNango:
                 return 424, "A recent refresh attempt failed. Backing off before retrying.", {}
             if conn.expires_at - now > _REFRESH_MARGIN:
                 return None
+        upstream = self.upstreams.get(conn.provider_config_key)
+        if upstream is not None and conn.refresh_token is not None:
+            failure = await refresh_upstream(self, conn, upstream)
+        else:
+            failure = self._refresh_scripted(conn, now)
+        if failure is not None:
+            # Nango tells the app about every failed refresh with an auth webhook.
+            await self.notify_auth(
+                conn.connection_id, conn.provider_config_key, operation="refresh",
+                success=False, error_type="refresh_token_external_error",
+                error_description=failure[1][:200],
+            )
+        return failure
+
+    def _refresh_scripted(
+        self, conn: FakeNangoConnection, now: float
+    ) -> tuple[int, str, dict[str, Any]] | None:
+        """A refresh decided by ``refresh_mode`` (no provider behind the connection)."""
         if conn.refresh_mode == "ok":
             conn.access_token = _token()
             conn.expires_at = now + 3600
@@ -302,12 +411,14 @@ async def running_fake_nango(
     fake = FakeNango(secret_key=secret_key, clock=clock)
     runner = web.AppRunner(fake.app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    fake.url = f"http://127.0.0.1:{port}"
     try:
-        yield fake
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        fake.url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            fake.http = http
+            yield fake
     finally:
         await runner.cleanup()
 

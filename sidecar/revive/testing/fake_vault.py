@@ -16,6 +16,11 @@ Built from the public API documentation; request and answer shapes follow it:
   https://developer.hashicorp.com/vault/api-docs/auth/kubernetes#login
 * ``POST /v1/auth/token/renew-self`` (``{"increment"?}``) answering the same ``auth`` block:
   https://developer.hashicorp.com/vault/api-docs/auth/token#renew-a-token-self
+* Check-and-set (``options.cas``, KV v2 API page above and ``-cas`` of
+  https://developer.hashicorp.com/vault/docs/commands/kv/put): a write whose ``cas`` is not
+  the latest version (soft-deleted versions count) is refused with 400
+  ``{"errors": ["check-and-set parameter did not match the current version"]}``, the text
+  shown in https://developer.hashicorp.com/vault/docs/secrets/kv/kv-v2/cookbook/patch-data.
 
 Error texts are Vault's own ("permission denied", "Vault is sealed", "check-and-set parameter
 did not match the current version"). The fake keeps a request log without header values.
@@ -24,6 +29,8 @@ did not match the current version"). The fake keeps a request log without header
         token = vault.issue_token()
         vault.put("secret", "conn/ms", {"access_token": "at-1"})
         vault.sealed = True
+        vault.fail_writes.append(503)       # the next KV write fails, reads still work
+        vault.writes                        # [VaultWrite(path, cas, status, version), ...]
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["FakeVault", "running_fake_vault"]
+__all__ = ["FakeVault", "VaultWrite", "running_fake_vault"]
 
 
 @dataclass
@@ -54,6 +61,28 @@ class _Version:
     created_time: str
 
 
+@dataclass(frozen=True)
+class VaultWrite:
+    """One KV write as the fake answered it (the write log; no data, no header values).
+
+    Attributes:
+        path: ``/v1/{mount}/data/{path}``.
+        cas: the ``options.cas`` sent, ``None`` for an unconditional write.
+        status: the status answered (400 for a check-and-set mismatch).
+        version: the version created, ``None`` when nothing was written.
+    """
+
+    path: str
+    cas: int | None
+    status: int
+    version: int | None
+
+    @property
+    def cas_conflict(self) -> bool:
+        """Whether Vault refused this write for a stale ``cas``."""
+        return self.status == 400 and self.version is None and self.cas is not None
+
+
 @dataclass
 class FakeVault:
     """State and switches of one fake Vault server.
@@ -68,6 +97,11 @@ class FakeVault:
         namespace: if set, requests must carry this ``X-Vault-Namespace``.
         lease_duration: the top-level ``lease_duration`` on KV reads (KV v2 says 0).
         calls: ``(method, path, has_token)`` per request.
+        writes: every KV write with its ``cas`` and outcome (:class:`VaultWrite`).
+        fail_writes: statuses to answer the next KV writes with, not applying them (popped one
+            per write; reads are unaffected), e.g. a Vault that became sealed mid-refresh.
+        lose_write_answers: apply the next N KV writes, then answer 504 as a load balancer in
+            front of a slow Vault does: the writer cannot know its write landed.
         clock: the fake's time, replaceable to expire tokens.
     """
 
@@ -82,6 +116,9 @@ class FakeVault:
     namespace: str | None = None
     lease_duration: int = 0
     calls: list[tuple[str, str, bool]] = field(default_factory=list)
+    writes: list[VaultWrite] = field(default_factory=list)
+    fail_writes: list[int] = field(default_factory=list)
+    lose_write_answers: int = 0
     bodies: list[dict[str, Any]] = field(default_factory=list)
     clock: Callable[[], float] = time.time
     tokens: dict[str, _Token] = field(default_factory=dict)
@@ -199,9 +236,20 @@ class FakeVault:
         versions = self.kv.setdefault(key, [])
         options = body.get("options") or {}
         cas = options.get("cas") if isinstance(options, dict) else None
+        cas = cas if isinstance(cas, int) else None
+        if self.fail_writes:
+            status = self.fail_writes.pop(0)
+            self.writes.append(VaultWrite(request.path, cas, status, None))
+            return _errors(status, {503: "Vault is sealed"}.get(status, "internal error"))
         if cas is not None and cas != len(versions):
+            self.writes.append(VaultWrite(request.path, cas, 400, None))
             return _errors(400, "check-and-set parameter did not match the current version")
         versions.append(_Version(dict(body["data"]), _iso(self.clock())))
+        if self.lose_write_answers:
+            self.lose_write_answers -= 1
+            self.writes.append(VaultWrite(request.path, cas, 504, len(versions)))
+            return _errors(504, "gateway timeout")
+        self.writes.append(VaultWrite(request.path, cas, 200, len(versions)))
         return web.json_response(
             {
                 "data": {
