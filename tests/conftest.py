@@ -19,7 +19,7 @@ from revive.testing.postgres import (
     require_postgres,
     with_schema,
 )
-from revive.testing.provider import running_provider
+from revive.testing.provider import RunningProvider, running_provider
 from revive.testing.sidecar import running_sidecar
 from revive.testing.story import Story
 
@@ -99,3 +99,16 @@ async def generic_story(tmp_path: Path) -> AsyncIterator[Story]:
     """The same provider behind the generic oauth2 policy: no reconcile rule knows sendMail."""
     async for running in _story(tmp_path, "oauth2"):
         yield running
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[RunningProvider]:
+    """The fake Microsoft provider on an ephemeral port, stopped after the test."""
+    async with running_provider() as running:
+        yield running
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

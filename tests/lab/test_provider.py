@@ -9,7 +9,6 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -36,12 +35,6 @@ ENTRA_SUFFIX = re.compile(
     r"\r\nTrace ID: [0-9a-f-]{36}\r\nCorrelation ID: [0-9a-f-]{36}\r\n"
     r"Timestamp: \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ$"
 )
-
-
-@pytest.fixture
-async def provider() -> AsyncIterator[RunningProvider]:
-    async with running_provider() as running:
-        yield running
 
 
 async def post_token(p: RunningProvider, **form: str) -> tuple[int, dict[str, Any]]:

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from revive.config import ConnectionConfig, LimitsConfig, StaticSourceConfig
 from revive.lab.settings import LAB_CONNECTION, lab_settings
-from revive.testing.provider import RunningProvider, running_provider
+from revive.testing.provider import RunningProvider
 from revive.testing.sidecar import RunningSidecar, running_sidecar
 
 CANARY = "canary-static-token-7f2e91"
@@ -30,12 +30,6 @@ TOKEN_MARKERS = ("lab_at_", "lab_rt_", CANARY)
 PROBLEM = "application/problem+json"
 SEND = {"Revive-Action": "send-briefing"}
 UPLOAD = {"Revive-Action": "upload"}
-
-
-@pytest.fixture
-async def provider() -> AsyncIterator[RunningProvider]:
-    async with running_provider() as running:
-        yield running
 
 
 class Echo:

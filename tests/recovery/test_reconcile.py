@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +29,6 @@ def rule() -> ReconcileRule:
     found = load_policies(POLICIES)["microsoft"].reconcile_for("POST", "/v1.0/me/sendMail")
     assert found is not None
     return found
-
-
-@pytest.fixture
-async def provider() -> AsyncIterator[RunningProvider]:
-    async with running_provider() as running:
-        yield running
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

@@ -56,12 +56,6 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
         yield opened
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def _nango(tmp_path: Path, http: aiohttp.ClientSession, name: str, key: str | None) -> NangoSource:
     secret = tmp_path / f"{name}.secret"
     secret.write_text(f"sk-{name}-0123456789")

@@ -34,12 +34,6 @@ async def auth0() -> AsyncIterator[FakeAuth0]:
         yield fake
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def make_config(auth0: FakeAuth0, tmp_path: Path, subject: str, **kw: Any) -> Auth0SourceConfig:
     (tmp_path / "cs").write_text(auth0.client_secret + "\n")
     (tmp_path / "rt").write_text(subject + "\n")

@@ -11,7 +11,8 @@ import pytest
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
-from revive.errors import CredentialMisconfigured
+from revive.errors import CredentialMisconfigured, CredentialUnavailable
+from revive.sources._flock import exclusive_flock
 from revive.sources.grants import Grant, GrantConflict, GrantStore, StoredGrant
 
 CANARY_RT = "rt-canary-7f3a9c2e51d84b60"
@@ -195,3 +196,62 @@ async def test_last_refreshed_at_round_trips_and_old_files_read_as_version_one(
     assert stored.version == 1 and stored.grant is not None
     assert (stored.grant.generation, stored.grant.last_refreshed_at) == (3, None)
     assert stored.grant.last_used == 4.0
+
+
+# -- the refresh lock ---------------------------------------------------------------------------
+
+
+async def test_refresh_lock_excludes_other_stores_but_not_writes(tmp_path: Path) -> None:
+    holder, other = GrantStore(tmp_path), GrantStore(tmp_path)
+    async with holder.refreshing("conn_a", wait=1.0):
+        with pytest.raises(CredentialUnavailable) as info:
+            async with other.refreshing("conn_a", wait=0.05):
+                pytest.fail("two holders at once")
+        assert info.value.provider_code == "grant_lock_timeout"
+        assert "conn_a" in str(info.value)
+        async with other.refreshing("conn_b", wait=0.05):  # one lock per connection
+            pass
+        # The holder stores its rotation while holding the lock: writes take their own.
+        async with asyncio.timeout(5):
+            assert await holder.write("conn_a", _grant(), 0) == 1
+    assert _mode(holder.refresh_lock_path("conn_a")) == 0o600
+    async with other.refreshing("conn_a", wait=0.05):
+        pass
+
+
+async def test_refresh_lock_is_freed_by_errors_and_cancelled_waits(tmp_path: Path) -> None:
+    holder, other = GrantStore(tmp_path), GrantStore(tmp_path)
+    with pytest.raises(RuntimeError):
+        async with holder.refreshing("conn_a", wait=1.0):
+            raise RuntimeError("refresh failed")
+    async with holder.refreshing("conn_a", wait=0.05):
+        waits = [
+            asyncio.create_task(_enter_and_leave(other, "conn_a", 30.0)) for _ in range(5)
+        ]
+        await asyncio.sleep(0.02)  # the waiters are polling (the test passes either way)
+        for wait in waits:
+            wait.cancel()
+        results = await asyncio.gather(*waits, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    async with GrantStore(tmp_path).refreshing("conn_a", wait=0.5):
+        pass  # no cancelled attempt kept the lock
+    lock = other.refresh_lock_path("conn_a")
+    for _ in range(20):
+        # Cancelled while its attempt runs in a thread on a free lock: the thread wins it,
+        # and the lock must be handed back although nobody awaits the attempt any more.
+        task = asyncio.create_task(_hold_flock(lock))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        async with GrantStore(tmp_path).refreshing("conn_a", wait=0.5):
+            pass
+
+
+async def _hold_flock(lock: Path) -> None:
+    async with exclusive_flock(lock, 30.0, "conn_a"):
+        pass
+
+
+async def _enter_and_leave(store: GrantStore, connection_id: str, wait: float) -> None:
+    async with store.refreshing(connection_id, wait=wait):
+        pass

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from revive.sources import (
 )
 from revive.sources.keep_alive import GrantKeeper
 from revive.testing.fake_vault import running_fake_vault
-from revive.testing.provider import RunningProvider, running_provider
+from revive.testing.provider import RunningProvider
 from revive.testing.sidecar import running_sidecar
 from revive.testing.token_endpoint import (
     CLIENT_ID,
@@ -67,18 +66,6 @@ class Clock:
 @pytest.fixture(scope="module")
 def policies() -> dict[str, Policy]:
     return load_policies(default_policy_dir())
-
-
-@pytest.fixture
-async def provider() -> AsyncIterator[RunningProvider]:
-    async with running_provider() as running:
-        yield running
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def ms_config(provider: RunningProvider, tmp: Path, **overrides: Any) -> OAuth2SourceConfig:

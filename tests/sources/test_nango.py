@@ -40,12 +40,6 @@ async def nango() -> AsyncIterator[FakeNango]:
         yield fake
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def _config(tmp_path: Path, url: str, secret: str = SECRET, **kw: object) -> NangoSourceConfig:
     key_file = tmp_path / "nango.key"
     key_file.write_text(secret + "\n")

@@ -367,7 +367,7 @@ async def test_dead_grant_is_not_asked_again_until_the_grant_changes(env: Env) -
     assert env.provider.forms[-1]["refresh_token"] == "rt-reconnected"
 
 
-async def test_token_rotated_by_another_writer_is_retried(env: Env) -> None:
+async def test_token_rotated_by_another_writer_is_read_before_redeeming(env: Env) -> None:
     source = env.source()
     stale = await source.lease()
     other = GrantStore(env.tmp / "data")  # e.g. a second sidecar process
@@ -376,9 +376,8 @@ async def test_token_rotated_by_another_writer_is_retried(env: Env) -> None:
 
     lease = await source.refresh(stale)
     assert lease.access_token == "at-canary-0002"
-    assert [f["refresh_token"] for f in env.provider.forms] == [
-        CANARY_RT, CANARY_RT, "rt-from-elsewhere"
-    ]
+    # The file is read before each redemption: the revoked token is never presented.
+    assert [f["refresh_token"] for f in env.provider.forms] == [CANARY_RT, "rt-from-elsewhere"]
 
 
 async def test_no_grant_at_all(env: Env) -> None:

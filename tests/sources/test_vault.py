@@ -43,12 +43,6 @@ async def vault() -> AsyncIterator[FakeVault]:
         yield fake
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def _write(path: Path, text: str) -> Path:
     path.write_text(text + "\n")
     return path

@@ -40,7 +40,7 @@ from revive.sources import (
     build_source,
 )
 from revive.testing.fake_vault import FakeVault, running_fake_vault
-from revive.testing.provider import RunningProvider, running_provider
+from revive.testing.provider import RunningProvider
 from revive.testing.token_endpoint import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -62,18 +62,6 @@ def policies() -> dict[str, Policy]:
 async def vault() -> AsyncIterator[FakeVault]:
     async with running_fake_vault() as fake:
         yield fake
-
-
-@pytest.fixture
-async def provider() -> AsyncIterator[RunningProvider]:
-    async with running_provider() as running:
-        yield running
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def store_config(vault: FakeVault, tmp_path: Path, **kw: Any) -> VaultGrantStoreConfig:

@@ -15,6 +15,12 @@ Both version every write and refuse one whose expected version is stale
 (:class:`GrantConflict`), so a rotation can never overwrite a newer one. The file store
 checks the version under an exclusive ``flock`` on ``data_dir/locks/<connection_id>.lock``,
 which also covers several processes sharing one ``data_dir``.
+
+CAS alone cannot stop two processes from *redeeming* one refresh token: the loser learns it
+lost only when the provider, which revokes a rotated token at once, refuses it. So the file
+store also offers :meth:`GrantStore.refreshing`, a second per-connection ``flock``
+(``data_dir/locks/<connection_id>.refresh``) that the refresher holds from reading the grant
+to saving its successor; a separate file because the write lock is taken inside that span.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from revive.errors import CredentialMisconfigured, CredentialUnavailable
 from revive.fsutil import fsync_dir
+from revive.sources._flock import exclusive_flock
 
 __all__ = [
     "Grant",
@@ -128,6 +137,28 @@ class GrantBackend(Protocol):
         writer may have redeemed it and not yet saved the successor."""
         ...
 
+    def refreshing(
+        self, connection_id: str, wait: float
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold the right to redeem ``connection_id``'s refresh token, wherever the backend
+        can lock across processes.
+
+        The refresher holds it from reading the grant, through the token call, to storing
+        the rotated successor, and reads the grant again once inside: whoever held it before
+        may have rotated the token meanwhile. It never guards writes (``write`` is
+        check-and-set on its own), so a reconnect that only stores a grant needs no lock.
+
+        Args:
+            connection_id: whose grant.
+            wait: seconds to wait for another holder before giving up.
+
+        Raises (on entry):
+            CredentialUnavailable: another holder kept it for over ``wait`` seconds
+                (``grant_lock_timeout``): transient, the grant is untouched.
+            CredentialMisconfigured: the lock cannot be taken at all.
+        """
+        ...
+
     async def read(self, connection_id: str) -> StoredGrant:
         """The current grant and its version.
 
@@ -164,7 +195,11 @@ class GrantStore:
     A :class:`GrantBackend`; ``load``/``save`` are the unversioned shortcuts.
     """
 
-    shared = False
+    # Sidecars on one host may share data_dir, and a file read costs far less than the token
+    # call it precedes, so the refresher reads the file before every redemption.
+    shared = True
+    # A peer saves its rotation before it releases the refresh lock, so once the lock is ours
+    # there is nothing left to wait for.
     settle_seconds = 0.0
 
     def __init__(self, data_dir: Path) -> None:
@@ -189,6 +224,30 @@ class GrantStore:
     def lock_path(self, connection_id: str) -> Path:
         """The file whose ``flock`` serialises versioned writes of ``connection_id``."""
         return self._dir / "locks" / f"{self.path(connection_id).stem}.lock"
+
+    def refresh_lock_path(self, connection_id: str) -> Path:
+        """The file whose ``flock`` :meth:`refreshing` holds."""
+        return self._dir / "locks" / f"{self.path(connection_id).stem}.refresh"
+
+    def refreshing(
+        self, connection_id: str, wait: float
+    ) -> AbstractAsyncContextManager[None]:
+        """See ``GrantBackend.refreshing``: an exclusive ``flock`` shared by every process
+        (and every store instance) using this ``data_dir``; a dead holder's lock is freed by
+        the kernel."""
+        return self._refreshing(self.refresh_lock_path(connection_id), connection_id, wait)
+
+    @asynccontextmanager
+    async def _refreshing(self, lock: Path, connection_id: str, wait: float) -> AsyncIterator[None]:
+        try:
+            await asyncio.to_thread(_private_dir, lock.parent)
+        except OSError as exc:
+            raise CredentialMisconfigured(
+                f"cannot create lock directory {lock.parent}:"
+                f" {exc.strerror or type(exc).__name__}"
+            ) from None
+        async with exclusive_flock(lock, wait, repr(connection_id)):
+            yield
 
     async def load(self, connection_id: str) -> Grant | None:
         """Read and decrypt the grant, or ``None`` if none was ever saved.
@@ -353,8 +412,6 @@ def _write_atomic(final: Path, data: bytes, *, exclusive: bool = False) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(final.parent)
-
-
 
 
 async def read_secret_file(path: Path, what: str) -> str:

@@ -2,9 +2,13 @@
 
 Refreshes of one connection are serialised by one lock and shared by everyone waiting for them
 (single flight), because rotating refresh tokens turn two concurrent refreshes into a dead
-grant. The network exchange runs as its own task that callers only ``shield``-await: a client
-that hangs up mid-refresh cannot abort it after the provider has already rotated the token.
-A rotated refresh token is persisted before the new access token is handed out.
+grant. Across processes sharing one ``data_dir`` the same holds through
+``GrantBackend.refreshing``: a per-connection ``flock`` held from reading the grant, through
+the token call, to saving its successor, after which a waiting process reads the grant again
+and redeems the successor instead of the token the provider just revoked. The network exchange
+runs as its own task that callers only ``shield``-await: a client that hangs up mid-refresh
+cannot abort it after the provider has already rotated the token. A rotated refresh token is
+persisted before the new access token is handed out.
 
 The grant lives in a ``GrantBackend`` (``grant_store``: encrypted files under ``data_dir``, or
 Vault KV v2 shared by several sidecars) behind ``GrantSync``, which writes every rotation
@@ -21,8 +25,27 @@ What the refresher adds on top:
   and writes its successor against the original version. Only if the process ends before
   any write succeeds is the rotation lost (with a provider that revokes consumed refresh
   tokens the grant is then dead and needs a reconnect).
+* The provider refuses the token although another writer may have rotated it (a Vault
+  replica on another host, which no lock reaches): the grant the store holds then is
+  redeemed, up to ``_CHASES`` times in a row. Dead only if the store still holds the very
+  token the provider refused; a store that kept moving is a transient failure.
 * Every successful redemption records ``last_refreshed_at`` (best effort when nothing
   rotated), which keep-alive (``revive.sources.keep_alive``) and ``grant_risk`` read.
+
+A process killed mid-refresh (SIGKILL, OOM, power loss) can still lose a rotation, and no
+ordering on our side closes that window. It opens when the refresh-token POST leaves the
+socket: the provider may rotate, and revoke the old token, as soon as it reads the request,
+even if we die before its answer arrives. It closes when ``GrantStore.write`` has published
+the successor with ``os.replace`` (what a restarted or peer process reads; after power loss,
+only once the directory is fsynced, which ``write`` also awaits). In between: the answer's
+transit, classification, sealing, the write lock, re-reading the record for its version and
+fsyncing the temporary file: about 1.3 ms against the local lab provider, 1 ms of it after the
+answer arrived, mostly fsync. Nothing is handed out before that save, and the save cannot
+start before the successor is known, so the window can only be made shorter, not removed. After such a loss the file still holds the revoked token: a
+restarted process (or a peer, once the kernel has dropped the dead holder's ``flock``) redeems
+it and gets ``invalid_grant`` (the lab provider's ``AADSTS70000``), and a recovery case opens.
+The lab provider revokes at once; Entra keeps a rotated refresh token valid for a while, so
+against Entra the restarted process redeems the old token successfully and nothing is lost.
 """
 
 from __future__ import annotations
@@ -32,6 +55,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 
 import aiohttp
@@ -59,6 +83,7 @@ __all__ = ["OAuth2Source"]
 log = logging.getLogger(__name__)
 
 _PROACTIVE_BACKOFF = 5.0  # seconds between failed proactive refreshes, absent a Retry-After
+_CHASES = 4  # redemptions in one refresh, each of a token another writer rotated meanwhile
 
 
 class OAuth2Source:
@@ -76,6 +101,8 @@ class OAuth2Source:
         clock: unix time, replaceable in tests.
         phase: the value passed to ``classifier.classify`` as the phase.
         rng: uniform [0, 1) draws for the keep-alive jitter, replaceable in tests.
+        lock_wait: seconds to wait for another process's refresh of this grant before
+            failing transiently; default: two token calls, the settle window and 5 s.
     """
 
     def __init__(
@@ -89,6 +116,7 @@ class OAuth2Source:
         *,
         phase: Any = TOKEN_REFRESH,
         rng: Callable[[], float] = random.random,
+        lock_wait: float | None = None,
     ) -> None:
         self.connection_id = connection_id
         self._config = config
@@ -98,6 +126,9 @@ class OAuth2Source:
         self._clock = clock
         self._phase = phase
         self._lock = asyncio.Lock()
+        if lock_wait is None:
+            lock_wait = 2 * config.token_timeout_seconds + grants.settle_seconds + 5
+        self._lock_wait = lock_wait
         self._lease: Lease | None = None
         self._client_secret: str | None = None
         self._secret_loaded = False
@@ -115,8 +146,11 @@ class OAuth2Source:
                 self._known_secrets,
                 clock,
                 rng,
-                # Two exchanges, a settle window and a few grant-store calls, with room.
-                check_timeout=4 * config.token_timeout_seconds + grants.settle_seconds + 30,
+                # A wait for the refresh lock, two exchanges, a settle window and a few
+                # grant-store calls, with room.
+                check_timeout=(
+                    self._lock_wait + 2 * config.token_timeout_seconds + grants.settle_seconds + 30
+                ),
             )
 
     def __repr__(self) -> str:
@@ -161,10 +195,13 @@ class OAuth2Source:
 
         Raises:
             CredentialMisconfigured: the grant could not be stored.
-            CredentialUnavailable: the grant store failed transiently (nothing was stored).
+            CredentialUnavailable: the grant store failed transiently, or another process's
+                refresh held the grant too long (nothing was stored).
             CredentialError: fetching the first access token failed (only if none was given).
         """
-        async with self._lock:
+        # Storing alone is check-and-set; redeeming the new token must exclude other processes.
+        redeeming = not access_token
+        async with self._lock, self._refreshing() if redeeming else nullcontext():
             now = self._clock()
             grant = await self._sync.install(
                 lambda generation: Grant(
@@ -277,29 +314,35 @@ class OAuth2Source:
         if not task.cancelled():
             task.exception()  # retrieved: the awaiters (or _after_proactive) report it
 
+    def _refreshing(self) -> AbstractAsyncContextManager[None]:
+        return self._sync.backend.refreshing(self.connection_id, self._lock_wait)
+
     async def _refresh_locked(self, observed: Lease | None, claims: str | None) -> Lease:
         async with self._lock:
             current = self._lease
             if claims is None and superseded(current, observed, self._clock()):
                 assert current is not None
                 return current
-            grant = await self._sync.current(self._seed)
-            if self._sync.dead is not None:
-                # Asking again with a token the provider declared dead only earns throttling
-                # (Entra AADSTS50196); a new grant in the store (reconnect elsewhere) lifts it.
-                grant = await self._sync.newer(grant, self._sync.dead, settle=False)
-            try:
-                return await self._redeem(grant, claims)
-            except DeadGrant as dead:
-                # Another process may have rotated the token under us (PROVIDERS.md §1.3):
-                # the provider then rejects ours although the grant is alive.
-                grant = await self._sync.newer(grant, dead, settle=True)
-                log.info("refresh token of %s was rotated elsewhere; retrying", self.connection_id)
-                try:
-                    return await self._redeem(grant, claims)
-                except DeadGrant as again:
-                    self._sync.dead = again
-                    raise
+            async with self._refreshing():
+                # Read inside the lock: the process that held it before may have rotated.
+                grant = await self._sync.current(self._seed)
+                if self._sync.dead is not None:
+                    # Asking again with a token the provider declared dead only earns
+                    # throttling (Entra AADSTS50196); a new grant in the store lifts it.
+                    grant = await self._sync.newer(grant, self._sync.dead, settle=False)
+                for _ in range(_CHASES):
+                    try:
+                        return await self._redeem(grant, claims)
+                    except DeadGrant as dead:
+                        # Another writer may have rotated the token under us (PROVIDERS.md
+                        # §1.3): the provider then refuses ours although the grant is alive.
+                        # ``newer`` raises (and remembers) the verdict if the store agrees.
+                        grant = await self._sync.newer(grant, dead, settle=True)
+                        log.info(
+                            "refresh token of %s was rotated elsewhere; retrying",
+                            self.connection_id,
+                        )
+                raise self._sync.kept_conflicting()
 
     # -- keep-alive --------------------------------------------------------------------------
 

@@ -7,6 +7,13 @@ every write is KV v2 check-and-set (``options.cas``) against the version that wa
 writer that lost the race gets :class:`~revive.sources.grants.GrantConflict` instead of
 overwriting the winner's rotation, and reads the winner's grant.
 
+Sidecars on different hosts share no lock, so unlike the file store nothing stops two of them
+from redeeming one refresh token at once (``refreshing`` holds nothing). The loser is covered
+after the fact: when the provider refuses its token, ``GrantSync.newer`` re-reads Vault for up
+to ``settle_seconds`` until the winner's rotation shows up, and ``OAuth2Source`` redeems
+that, chasing a few rotations in a row before it gives up transiently; it calls a grant dead
+only when Vault still holds the very token the provider refused once the window has passed.
+
 The record at ``{mount}/data/{path}`` is the grant's plain fields plus ``connection_id`` and
 ``format``; the refresh token is in clear inside Vault (Vault encrypts at rest and guards it
 with its own policies), and never in any text this module produces.
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 from urllib.parse import quote
 
@@ -72,6 +80,13 @@ class VaultGrantStore:
     def settle_seconds(self) -> float:
         """See ``GrantBackend.settle_seconds`` (``grant_store.settle_seconds``)."""
         return self._config.settle_seconds
+
+    def refreshing(
+        self, connection_id: str, wait: float
+    ) -> AbstractAsyncContextManager[None]:
+        """See ``GrantBackend.refreshing``: nothing to hold, since replicas on other hosts
+        could not see it; check-and-set and the settle window cover the race (module doc)."""
+        return nullcontext()
 
     async def read(self, connection_id: str) -> StoredGrant:
         """See ``GrantBackend.read``.
