@@ -34,11 +34,10 @@ from revive.errors import (
     UpstreamUnavailable,
 )
 from revive.metrics import Metrics
-from revive.recovery import risk
+from revive.recovery import closing, risk
 from revive.recovery.fences import FenceCache
 from revive.recovery.machine import CaseEvent, CaseState, TransitionNotAllowed, next_state
-from revive.recovery.notify import CaseNotice
-from revive.recovery.notify import Notifier, NullNotifier
+from revive.recovery.notify import CaseNotice, Notifier, NullNotifier
 from revive.recovery.reconcile import Reconciler
 from revive.sources import CredentialSource, OAuth2Source
 from revive.sources.connect import ConnectFlow
@@ -177,10 +176,10 @@ class RecoveryService:
                 case.case_id, case.run_id, case.connection_id, case.generation,
                 case.provider_code, extra={"case_id": case.case_id, "run_id": case.run_id},
             )
-            self._background(self._announce_opened(case))
+            self.background(self._announce_opened(case))
         return case
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
         """Notifications never hold up the worker's answer; shutdown drains them."""
         task = asyncio.create_task(work)
         self.pending.add(task)
@@ -197,7 +196,7 @@ class RecoveryService:
         delivered = await self.notifier.notify(_event("case.opened", case, reconnect_url=url))
         if delivered:
             try:
-                await self._move(case, CaseEvent.NOTIFIED, "notifier", {"reconnect_url": url})
+                await self.move(case, CaseEvent.NOTIFIED, "notifier", {"reconnect_url": url})
             except (ConflictError, TransitionNotAllowed):
                 pass  # the reconnect came first: nothing left to announce
 
@@ -213,10 +212,11 @@ class RecoveryService:
             _event("case.ready", case, capability=minted.token, outcome=case.outcome)
         )
 
-    async def _move(
+    async def move(
         self, case: CaseRow, event: CaseEvent, actor: str, evidence: Mapping[str, Any],
         **fields: Any,
     ) -> CaseRow:
+        """One case change: compare-and-set on ``case.state`` plus its transition row."""
         target = next_state(case.state, event)
         moved = await self.store.transition(
             case.case_id, case.state, target.value, actor, dict(evidence), **fields
@@ -252,7 +252,7 @@ class RecoveryService:
         case = await self._case(case_id)
         if case.state in (CaseState.CLOSED, CaseState.ABANDONED):
             raise BadRequest(f"case {case_id} is already {case.state}")
-        return await self._move(case, CaseEvent.ABANDONED, actor, {"reason": reason})
+        return await self.move(case, CaseEvent.ABANDONED, actor, {"reason": reason})
 
     # -- reconnect, probe, reconcile ----------------------------------------------------------
 
@@ -278,13 +278,13 @@ class RecoveryService:
         for case in await self.store.list_cases(connection_id=connection_id, open_only=True):
             if case.state in _ADVANCE_ON_RECONNECT:
                 try:
-                    case = await self._move(case, CaseEvent.RECONNECTED, actor, proof)
+                    case = await self.move(case, CaseEvent.RECONNECTED, actor, proof)
                 except ConflictError:
                     continue  # advanced concurrently
             if case.state == CaseState.RECONNECTED:
                 case = await self._reconcile_case(binding, case)
                 advanced.append(case)
-                self._background(self._announce_ready(case))
+                self.background(self._announce_ready(case))
         return advanced
 
     async def _probe(self, binding: Binding) -> dict[str, Any]:
@@ -323,14 +323,14 @@ class RecoveryService:
         )
         evidence: dict[str, Any] = {}
         if action is not None and action.state == "unknown":
-            settled = await self.reconcile_action(binding, action, _request_of(case))
+            settled = await self.reconcile_action(binding, action, closing.request_of(case))
             action = settled or action
             evidence["reconcile"] = "committed" if settled and settled.state == "committed" else (
                 "not_committed" if settled else "undetermined"
             )
         outcome = _outcome(action)
         evidence["outcome"] = outcome
-        return await self._move(case, CaseEvent.RECONCILED, "reconciler", evidence, outcome=outcome)
+        return await self.move(case, CaseEvent.RECONCILED, "reconciler", evidence, outcome=outcome)
 
     async def reconcile_action(
         self, binding: Binding, action: ActionRow, request: tuple[str, str] | None
@@ -357,20 +357,8 @@ class RecoveryService:
             )
         except ConflictError:
             return await self.store.get_action(action.idempotency_key)
-        await self._close_if_committed(settled)
+        await closing.close_if_committed(self, settled)
         return settled
-
-    async def _reconcile_resumed(self, case: CaseRow, action: ActionRow) -> None:
-        binding = self.bindings.get(case.connection_id)
-        if binding is None:
-            return
-        try:
-            await self.reconcile_action(binding, action, _request_of(case))
-        except Exception as exc:  # noqa: BLE001 - background: the run's next try reconciles
-            log.warning(
-                "reconcile of resumed case %s at start-up failed: %s", case.case_id,
-                type(exc).__name__, extra={"case_id": case.case_id, "run_id": case.run_id},
-            )
 
     async def settle_action(
         self, idempotency_key: str, outcome: Literal["committed", "not_committed"],
@@ -378,40 +366,16 @@ class RecoveryService:
     ) -> ActionRow:
         """A worker's own reconcile answer for an ``unknown`` action."""
         settled = await self.store.settle(idempotency_key, outcome, dict(evidence))
-        await self._close_if_committed(settled)
+        await closing.close_if_committed(self, settled)
         return settled
 
-    async def _close_if_committed(self, action: ActionRow) -> None:
-        # A resumed run's action may commit through a reconcile rather than a relayed 2xx
-        # (its first resumed attempt lost its answer): the case closes all the same.
-        if action.state == "committed" and action.case_id is not None:
-            await self.action_committed(action.case_id, action.idempotency_key)
-
     async def close_settled_cases(self) -> int:
-        """Close the ``resumed`` cases whose action is committed, or that have none.
+        """Close the ``resumed`` cases a crash left open (start-up; see ``closing``)."""
+        return await closing.close_settled_cases(self)
 
-        Closing follows the commit (or the redemption) as a second step, which a crash in
-        between skips; start-up runs this so no such case stays ``resumed`` for ever. A
-        resumed action left ``unknown`` (answered, then the crash came before the ledger
-        recorded it, and the run moved on) is reconciled in the background: found, it
-        commits and its case closes.
-        """
-        closed = 0
-        for case in await self.store.list_cases(state=CaseState.RESUMED):
-            key = case.idempotency_key
-            action = await self.store.get_action(key) if key else None
-            if action is not None and action.state == "unknown":
-                self._background(self._reconcile_resumed(case, action))
-                continue
-            if action is not None and action.state != "committed":
-                continue
-            try:
-                await self._move(case, CaseEvent.COMMITTED, "startup",
-                                 {"reason": "committed before a restart", "idempotency_key": key})
-            except ConflictError:
-                continue  # closed concurrently
-            closed += 1
-        return closed
+    async def action_committed(self, case_id: str, idempotency_key: str) -> None:
+        """The resumed run committed the failed action: close its case (see ``closing``)."""
+        await closing.action_committed(self, case_id, idempotency_key)
 
     # -- the built-in oauth2 reconnect ----------------------------------------------------------
 
@@ -500,14 +464,14 @@ class RecoveryService:
         self.fences.forget_run(claims.run_id)
         case = result.case
         if result.action is not None and result.action.state == "committed":
-            case = await self._move(
+            case = await self.move(
                 case, CaseEvent.COMMITTED, "reconciler",
                 {"reason": "found committed by reconcile; reported at redemption"},
             )
         elif result.action is None:
             # The grant died on a read: there is no side effect left to commit, and the
             # resumed run re-reads as it likes. Redemption is the end of the case.
-            case = await self._move(
+            case = await self.move(
                 case, CaseEvent.COMMITTED, "worker",
                 {"reason": "no side effect was pending; the run resumed"},
             )
@@ -519,23 +483,6 @@ class RecoveryService:
             Minted(run_token, run_claims), result.epoch, claims.generation,
             claims.checkpoint_id, case.case_id, result.action,
         )
-
-    async def action_committed(self, case_id: str, idempotency_key: str) -> None:
-        """The resumed run committed the failed action: close the case, and any earlier case
-        of the same action whose resumed attempt met another dead grant before committing
-        (the action row names only the latest case)."""
-        case = await self.store.get_case(case_id)
-        if case is None:
-            return
-        for resumed in await self.store.list_cases(state=CaseState.RESUMED, run_id=case.run_id):
-            if resumed.case_id != case_id and resumed.idempotency_key != idempotency_key:
-                continue
-            try:
-                await self._move(
-                    resumed, CaseEvent.COMMITTED, "proxy", {"idempotency_key": idempotency_key}
-                )
-            except ConflictError:
-                pass  # closed concurrently
 
 
 def _event(
@@ -556,12 +503,3 @@ def _outcome(action: ActionRow | None) -> str:
     if action is None:
         return "none"
     return {"failed": "not_committed"}.get(action.state, action.state)
-
-
-def _request_of(case: CaseRow) -> tuple[str, str] | None:
-    request = case.evidence.get("request") if isinstance(case.evidence, Mapping) else None
-    if isinstance(request, Mapping):
-        method, path = request.get("method"), request.get("path")
-        if isinstance(method, str) and isinstance(path, str):
-            return method, path
-    return None
