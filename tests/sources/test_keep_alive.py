@@ -311,17 +311,18 @@ async def test_background_task_refreshes_an_idle_grant(
     source = build_source(conn, Settings(data_dir=tmp_path / "data"), policies["microsoft"], http)
     assert isinstance(source, OAuth2Source) and source.keeper is not None
     assert source.keeper.running  # build_source started it; no lease was ever asked for
+    grants = GrantStore(tmp_path / "data")
     try:
+        # Done means saved: the token call alone is not (closing right after it would cancel
+        # the refresh before its rotation is written).
         async with asyncio.timeout(30):
-            while not await provider.token_calls():
+            while (stored := await grants.load(CONN)) is None or stored.last_refreshed_at is None:
                 await asyncio.sleep(0.05)
     finally:
         await source.close()
     assert not source.keeper.running
     [first, *_] = await provider.token_calls()
     assert (first["grant_type"], first["status"]) == ("refresh_token", 200)
-    stored = await GrantStore(tmp_path / "data").load(CONN)
-    assert stored is not None and stored.last_refreshed_at is not None
 
 
 # -- /metrics ---------------------------------------------------------------------------------

@@ -277,6 +277,30 @@ async def test_rotated_token_is_not_handed_out_unless_persisted(env: Env) -> Non
     assert await _stored_rt(env) == "rt-rotated-0002"
 
 
+async def test_close_during_the_save_keeps_the_rotated_token(env: Env) -> None:
+    class SlowStore(GrantStore):
+        writing = asyncio.Event()
+
+        async def write(
+            self, connection_id: str, grant: Grant, expected_version: int | None
+        ) -> int:
+            self.writing.set()
+            await asyncio.sleep(0.2)  # the shutdown arrives while the rotation is being saved
+            return await super().write(connection_id, grant, expected_version)
+
+    env.provider.rotate = True
+    store = SlowStore(env.tmp / "data")
+    source = OAuth2Source(CONN, env.config(), store, env.classifier, env.http, env.clock)
+    env.sources.append(source)
+    lease = asyncio.ensure_future(source.lease())
+    async with asyncio.timeout(10):
+        await store.writing.wait()
+    await source.close()
+    assert env.provider.issued == 1
+    assert await _stored_rt(env) == "rt-rotated-0001"  # the provider's current token
+    await asyncio.gather(lease, return_exceptions=True)
+
+
 async def test_proactive_refresh_within_skew(env: Env) -> None:
     env.provider.expires_in = 60  # inside the 120 s skew at once
     source = env.source(refresh_skew_seconds=120)

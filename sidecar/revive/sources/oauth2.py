@@ -135,6 +135,7 @@ class OAuth2Source:
         self._shared: asyncio.Task[Lease] | None = None  # the plain refresh everyone joins
         self._shared_for: Lease | None = None  # the lease that refresh replaces
         self._tasks: set[asyncio.Task[Lease]] = set()
+        self._saves: set[asyncio.Future[Lease]] = set()
         self._proactive_not_before = 0.0
         self._host = URL(config.token_url).host or config.token_url
         self._keeper: GrantKeeper | None = None
@@ -257,12 +258,16 @@ class OAuth2Source:
         return self._keeper.expires_at(grant.last_used)
 
     async def close(self) -> None:
-        """Stop keep-alive and cancel any refresh still running (the session is the caller's)."""
+        """Stop keep-alive and cancel any refresh still running (the session is the caller's).
+
+        A refresh whose token answer has arrived is not cancelled but finishes saving: the
+        provider may already have rotated the refresh token, and only that save keeps it.
+        """
         if self._keeper is not None:
             await self._keeper.close()
         for task in (tasks := list(self._tasks)):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *list(self._saves), return_exceptions=True)
 
     # -- single flight -----------------------------------------------------------------------
 
@@ -411,7 +416,12 @@ class OAuth2Source:
         verdict = self._classifier.classify(self._phase, status, headers, body)
         kind = str(verdict.failure_class)
         if kind == "ok":
-            return await self._accept(grant, headers, body, claims, adopted)
+            # From here the provider may have rotated the refresh token: saving it must not be
+            # cancelled (a shutdown closing the source mid-save would lose the grant).
+            save = asyncio.ensure_future(self._accept(grant, headers, body, claims, adopted))
+            self._saves.add(save)
+            save.add_done_callback(self._saves.discard)
+            return await asyncio.shield(save)
         secrets = [refresh_token, *self._known_secrets()]
         code = redact(verdict.provider_code, secrets) if verdict.provider_code else None
         message = redact(verdict.message, secrets) if verdict.message else None
