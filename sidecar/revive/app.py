@@ -264,7 +264,10 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    add_routes(app, API, ADMIN, loopback_only=not settings.workers_from_any_address)
+    add_routes(
+        app, API, ADMIN, loopback_only=not settings.workers_from_any_address,
+        body_timeout=settings.limits.request_body_timeout_seconds,
+    )
     if lab is not None:
         app.add_subapp("/lab/", lab)
     app.router.add_route("*", "/{tail:(?s:.*)}", not_found)  # last: everything unmatched

@@ -276,6 +276,26 @@ async def test_a_slowloris_body_is_cut_off_while_other_requests_keep_working(
     await rig.healthy()
 
 
+async def test_a_slow_control_body_is_cut_off_too(rig: Rig) -> None:
+    """The /v1 routes bound their (small, JSON) bodies by the same timeout as the proxy."""
+    head = request_bytes(
+        "POST", "/v1/runs/run_slow/capabilities",
+        [("Host", "127.0.0.1"), ("Content-Type", "application/json"), ("Content-Length", "64")],
+    )
+    async with open_raw("127.0.0.1", rig.port) as (reader, writer):
+        writer.write(head + b'{"connection_id":')  # and then nothing more
+        async with asyncio.timeout(RIG_LIMITS.request_body_timeout_seconds + 10):
+            raw = await reader.readuntil(b"\r\n\r\n")
+            answer = parse_answer(raw)
+            raw += await reader.readexactly(int(answer.headers["Content-Length"]))
+    answer = parse_answer(raw, closed=False)
+    rig.received.append(answer.raw)
+    problem = assert_problem(answer, BAD_REQUEST)
+    assert "did not arrive within" in problem["detail"]
+    assert await rig.sidecar.app[STORE].get_run("run_slow") is None
+    await rig.healthy()
+
+
 async def test_gzip_bomb_error_answers_are_classified_from_a_bounded_read(
     rig: Rig, bomb: bytes
 ) -> None:

@@ -21,6 +21,7 @@ preflight on any cross-site browser request to a loopback worker route.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import html
 import ipaddress
@@ -46,6 +47,7 @@ __all__ = ["add_routes"]
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _M = TypeVar("_M", bound=BaseModel)
+_T = TypeVar("_T")
 
 _NO_STORE = {"Cache-Control": "no-store"}
 # Nango's auth webhooks are well under 2 KiB; sync webhooks list model names, still small.
@@ -65,6 +67,7 @@ def add_routes(
     admin_key: web.AppKey[AdminAuth],
     *,
     loopback_only: bool = True,
+    body_timeout: float = 30.0,
 ) -> None:
     """Register every route of ``revive.api.openapi.OPERATIONS`` on ``app``.
 
@@ -77,8 +80,11 @@ def add_routes(
         api_key: where the ``RecoveryApi`` implementation is stored.
         admin_key: where the ``AdminAuth`` is stored.
         loopback_only: whether worker routes refuse peers that are not loopback.
+        body_timeout: seconds a request body may take to arrive (``limits.
+            request_body_timeout_seconds``); a client dribbling it gets a 400, and holds
+            nothing longer.
     """
-    h = _Handlers(api_key, admin_key, build_openapi())
+    h = _Handlers(api_key, admin_key, build_openapi(), body_timeout)
     handlers: dict[str, _Handler] = {
         "mint_run_capability": h.mint_run_capability,
         "renew_capability": h.renew_capability,
@@ -117,10 +123,15 @@ class _Handlers:
         api_key: web.AppKey[RecoveryApi],
         admin_key: web.AppKey[AdminAuth],
         openapi: dict[str, object],
+        body_timeout: float,
     ) -> None:
         self._api_key = api_key
         self._admin_key = admin_key
         self._openapi = json.dumps(openapi).encode()
+        self._body_timeout = body_timeout
+
+    async def _body(self, request: web.Request, model: type[_M]) -> _M:
+        return await _within(self._body_timeout, _body(request, model))
 
     def _api(self, request: web.Request) -> RecoveryApi:
         return request.config_dict[self._api_key]
@@ -128,7 +139,7 @@ class _Handlers:
     # -- worker --------------------------------------------------------------------------------
 
     async def mint_run_capability(self, request: web.Request) -> web.StreamResponse:
-        body = await _body(request, m.MintRunCapabilityRequest)
+        body = await self._body(request, m.MintRunCapabilityRequest)
         minted = await self._api(request).mint_run_capability(
             request.match_info["run_id"], body.connection_id, body.checkpoint_id, body.epoch,
             body.workflow,
@@ -136,16 +147,16 @@ class _Handlers:
         return _answer(m.RunCapability.from_minted(minted))
 
     async def renew_capability(self, request: web.Request) -> web.StreamResponse:
-        body = await _body(request, m.CapabilityRequest)
+        body = await self._body(request, m.CapabilityRequest)
         return _answer(m.RunCapability.from_minted(await self._api(request).renew(body.capability)))
 
     async def redeem_capability(self, request: web.Request) -> web.StreamResponse:
-        body = await _body(request, m.CapabilityRequest)
+        body = await self._body(request, m.CapabilityRequest)
         redemption = await self._api(request).redeem(body.capability)
         return _answer(m.Redeemed.from_redemption(redemption))
 
     async def settle_action(self, request: web.Request) -> web.StreamResponse:
-        body = await _body(request, m.SettleOutcomeRequest)
+        body = await self._body(request, m.SettleOutcomeRequest)
         key = request.match_info["idempotency_key"]
         try:
             row = await self._api(request).settle_action(key, body.outcome, body.evidence)
@@ -179,7 +190,7 @@ class _Handlers:
         return _answer(m.CaseDetail.from_rows(case, transitions, actions))
 
     async def reconnected(self, request: web.Request) -> web.StreamResponse:
-        body = await _body(request, m.ReconnectedRequest)
+        body = await self._body(request, m.ReconnectedRequest)
         connection_id = request.match_info["connection_id"]
         with _case_conflicts():
             cases = await self._api(request).reconnected(connection_id, body.actor, body.evidence)
@@ -192,14 +203,14 @@ class _Handlers:
         return _answer(m.AtRiskList(connections=[m.AtRiskView.from_risk(r) for r in risks]))
 
     async def issue_recovery_capability(self, request: web.Request) -> web.StreamResponse:
-        body = await _body(request, m.IssueCapabilityRequest)
+        body = await self._body(request, m.IssueCapabilityRequest)
         case_id = request.match_info["case_id"]
         with _case_conflicts():
             minted = await self._api(request).issue_recovery_capability(case_id, body.actor)
         return _answer(m.RecoveryCapability.from_minted(minted, case_id))
 
     async def abandon_case(self, request: web.Request) -> web.StreamResponse:
-        body = await _body(request, m.AbandonRequest)
+        body = await self._body(request, m.AbandonRequest)
         with _case_conflicts():
             case = await self._api(request).abandon(
                 request.match_info["case_id"], body.actor, body.reason
@@ -209,7 +220,7 @@ class _Handlers:
     # -- webhook -------------------------------------------------------------------------------
 
     async def nango_webhook(self, request: web.Request) -> web.StreamResponse:
-        body = await _bounded_body(request, _MAX_WEBHOOK_BYTES)
+        body = await _within(self._body_timeout, _bounded_body(request, _MAX_WEBHOOK_BYTES))
         with _case_conflicts():
             outcome = await self._api(request).nango_webhook(body, request.headers)
         return _answer(m.NangoWebhookAnswer.from_outcome(outcome))
@@ -265,6 +276,14 @@ class _Handlers:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+async def _within(seconds: float, reading: Awaitable[_T]) -> _T:
+    try:
+        async with asyncio.timeout(seconds):
+            return await reading
+    except TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {seconds:g} s") from None
 
 
 async def _body(request: web.Request, model: type[_M]) -> _M:
