@@ -164,6 +164,14 @@ def mint_check(
 
 # -- action ledger -------------------------------------------------------------------------------
 
+_CLAIM_NEW = (
+    "INSERT INTO actions (idempotency_key, run_id, action_key, checkpoint_id, connection_id,"
+    " fingerprint, state, attempts, owner, updated_at)"
+    " SELECT ?, ?, ?, ?, ?, ?, 'in_flight', 1, ?, ?"
+    " WHERE (SELECT epoch FROM runs WHERE run_id = ?) = ?"
+    " AND (SELECT generation FROM connections WHERE connection_id = ?) = ?"
+    " ON CONFLICT (idempotency_key) DO NOTHING"
+)
 _CLAIM_PROBE = (
     "SELECT (SELECT epoch FROM runs WHERE run_id = ?),"
     " (SELECT generation FROM connections WHERE connection_id = ?),"
@@ -171,12 +179,21 @@ _CLAIM_PROBE = (
 )
 
 
-
 def claim(conn: Conn, now: float, req: ClaimRequest) -> ClaimOutcome:
     # Every mutating request runs this on the writer's thread, which shares the GIL with the
-    # event loop: one statement for the fence and the key's existence, and a new row built
-    # from what was inserted rather than read back (it is a fresh key: nothing else is there).
+    # event loop. The usual case, a fresh key under a current epoch and generation, is one
+    # statement: the insert happens only if the fence holds and the key is new, and the row
+    # is built from what was inserted rather than read back. Anything else takes the probe.
     key = req.idempotency_key
+    inserted = _count(conn, _CLAIM_NEW, (
+        key, req.run_id, req.action_key, req.checkpoint_id, req.connection_id, req.fingerprint,
+        req.owner, now, req.run_id, req.epoch, req.connection_id, req.generation,
+    ))
+    if inserted:
+        return ClaimOutcome("claimed", ActionRow(
+            key, req.run_id, req.action_key, req.checkpoint_id, req.connection_id,
+            req.fingerprint, "in_flight", 1, None, None, None, req.owner, None, now,
+        ))
     found = rows.fetch_one(conn, _CLAIM_PROBE, (req.run_id, req.connection_id, key))
     assert found is not None  # a SELECT without FROM always yields one row
     refusal = fence_error(
@@ -184,19 +201,9 @@ def claim(conn: Conn, now: float, req: ClaimRequest) -> ClaimOutcome:
     )
     if refusal is not None:
         raise refusal
-    current = rows.get_action(conn, key) if found[2] else None
-    if current is None:
-        conn.execute(
-            "INSERT INTO actions (idempotency_key, run_id, action_key, checkpoint_id,"
-            " connection_id, fingerprint, state, attempts, owner, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'in_flight', 1, ?, ?)",
-            (key, req.run_id, req.action_key, req.checkpoint_id, req.connection_id,
-             req.fingerprint, req.owner, now),
-        )
-        return ClaimOutcome("claimed", ActionRow(
-            key, req.run_id, req.action_key, req.checkpoint_id, req.connection_id,
-            req.fingerprint, "in_flight", 1, None, None, None, req.owner, None, now,
-        ))
+    current = rows.get_action(conn, key)
+    if current is None:  # fenced out above, or inserted: nothing else leaves no row
+        raise ConflictError("action", key, "a row after the claim", "none")
     if current.fingerprint != req.fingerprint or current.run_id != req.run_id:
         raise IdempotencyMismatch("the key was used for another request", idempotency_key=key)
     match current.state:
