@@ -36,7 +36,7 @@ from revive.errors import CredentialError, CredentialMisconfigured, CredentialUn
 from revive.redact import redact
 from revive.sources.base import Lease, superseded
 from revive.sources.grants import read_secret_file
-from revive.sources.token_endpoint import MAX_ANSWER_BYTES, number, parse_answer
+from revive.sources.token_endpoint import number, parse_answer, post_bounded_form
 
 __all__ = [
     "FEDERATED_TOKEN_TYPE",
@@ -232,29 +232,8 @@ class Auth0Source:
         return None
 
     async def _post(self, form: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]:
-        timeout = aiohttp.ClientTimeout(total=self._config.timeout_seconds)
-        try:
-            async with self._http.post(
-                self._config.token_url,
-                data=dict(form),
-                headers={"Accept": "application/json"},
-                timeout=timeout,
-                allow_redirects=False,
-            ) as resp:
-                body = bytearray()
-                while len(body) <= MAX_ANSWER_BYTES:
-                    chunk = await resp.content.read(MAX_ANSWER_BYTES + 1 - len(body))
-                    if not chunk:
-                        break
-                    body += chunk
-                if len(body) > MAX_ANSWER_BYTES:
-                    raise CredentialUnavailable(
-                        f"auth0 {self._host} answered more than {MAX_ANSWER_BYTES} bytes",
-                        provider_code="auth0_answer_too_large",
-                    )
-                return resp.status, resp.headers, bytes(body)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise CredentialUnavailable(
-                f"auth0 {self._host} unreachable: {type(exc).__name__}",
-                provider_code="auth0_unreachable",
-            ) from None
+        return await post_bounded_form(
+            self._http, self._config.token_url, form,
+            timeout_seconds=self._config.timeout_seconds, what=f"auth0 {self._host}",
+            code_prefix="auth0",
+        )

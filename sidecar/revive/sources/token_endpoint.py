@@ -28,10 +28,30 @@ async def post_form(
     Raises:
         CredentialUnavailable: unreachable, timed out, or an answer over ``MAX_ANSWER_BYTES``.
     """
-    timeout = aiohttp.ClientTimeout(total=config.token_timeout_seconds)
+    return await post_bounded_form(
+        http, config.token_url, form, timeout_seconds=config.token_timeout_seconds,
+        what=f"token endpoint {host}",
+    )
+
+
+async def post_bounded_form(
+    http: aiohttp.ClientSession, url: str, form: Mapping[str, str], *,
+    timeout_seconds: float, what: str, code_prefix: str | None = None,
+) -> tuple[int, Mapping[str, str], bytes]:
+    """POST ``form`` to any token-issuing endpoint (OAuth, Auth0's token exchange).
+
+    Args:
+        what: how errors name the endpoint, e.g. ``token endpoint login.example``.
+        code_prefix: when given, errors carry ``provider_code`` ``<prefix>_unreachable`` or
+            ``<prefix>_answer_too_large``.
+
+    Raises:
+        CredentialUnavailable: unreachable, timed out, or an answer over ``MAX_ANSWER_BYTES``.
+    """
+    timeout = aiohttp.ClientTimeout(total=timeout_seconds)
     try:
         async with http.post(
-            config.token_url,
+            url,
             data=dict(form),
             headers={"Accept": "application/json"},
             timeout=timeout,
@@ -45,13 +65,15 @@ async def post_form(
                 body += chunk
             if len(body) > MAX_ANSWER_BYTES:
                 raise CredentialUnavailable(
-                    f"token endpoint {host} answered more than {MAX_ANSWER_BYTES} bytes"
+                    f"{what} answered more than {MAX_ANSWER_BYTES} bytes",
+                    provider_code=f"{code_prefix}_answer_too_large" if code_prefix else None,
                 )
             return resp.status, resp.headers, bytes(body)
     except (aiohttp.ClientError, TimeoutError) as exc:
         # aiohttp's text names host and port only; the form never enters it.
         raise CredentialUnavailable(
-            f"token endpoint {host} unreachable: {type(exc).__name__}"
+            f"{what} unreachable: {type(exc).__name__}",
+            provider_code=f"{code_prefix}_unreachable" if code_prefix else None,
         ) from exc
 
 
