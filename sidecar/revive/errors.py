@@ -122,6 +122,13 @@ class BadRequest(ProblemError):
     title = "Bad request"
 
 
+def body_too_slow(seconds: float) -> BadRequest:
+    """The refusal of a request body that did not arrive in time (proxy and ``/v1`` alike)."""
+    return BadRequest(
+        f"the request body did not arrive within {seconds:g} s", timeout_seconds=seconds
+    )
+
+
 class BadTarget(ProblemError):
     type = "urn:revive:bad-target"
     status = 400

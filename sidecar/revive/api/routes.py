@@ -39,7 +39,7 @@ from revive.api.auth import AdminAuth
 from revive.api.openapi import OPERATIONS, build_openapi
 from revive.api.problems import problem_response, with_problems
 from revive.api.service import RecoveryApi
-from revive.errors import BadRequest, PayloadTooLarge, Unauthorized
+from revive.errors import BadRequest, PayloadTooLarge, Unauthorized, body_too_slow
 from revive.recovery.machine import TransitionNotAllowed
 from revive.store.models import ConflictError
 
@@ -283,7 +283,7 @@ async def _within(seconds: float, reading: Awaitable[_T]) -> _T:
         async with asyncio.timeout(seconds):
             return await reading
     except TimeoutError:
-        raise BadRequest(f"the request body did not arrive within {seconds:g} s") from None
+        raise body_too_slow(seconds) from None
 
 
 async def _body(request: web.Request, model: type[_M]) -> _M:

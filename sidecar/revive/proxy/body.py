@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from revive.config import LimitsConfig
-from revive.errors import BadRequest, PayloadTooLarge
+from revive.errors import BadRequest, PayloadTooLarge, body_too_slow
 
 
 @dataclass(slots=True)
@@ -39,10 +39,7 @@ EMPTY_BODY = RequestBody(None)
 
 
 def _too_slow(limits: LimitsConfig) -> BadRequest:
-    return BadRequest(
-        f"the request body did not arrive within {limits.request_body_timeout_seconds:g} s",
-        timeout_seconds=limits.request_body_timeout_seconds,
-    )
+    return body_too_slow(limits.request_body_timeout_seconds)
 
 
 async def read_body(request: web.Request, limits: LimitsConfig) -> RequestBody:
