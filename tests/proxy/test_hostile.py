@@ -240,13 +240,18 @@ async def _slow_post(rig: Rig, action: str, length: int, gap: float) -> RawAnswe
 
         trickle = asyncio.create_task(dribble())
         try:
-            async with asyncio.timeout(RIG_LIMITS.request_body_timeout_seconds + 10):
-                raw = await reader.readuntil(b"\r\n\r\n")
-                answer = parse_answer(raw)
-                raw += await reader.readexactly(int(answer.headers["Content-Length"]))
+            return await _answer_after_body_timeout(rig, reader)
         finally:
             trickle.cancel()
             await asyncio.gather(trickle, return_exceptions=True)
+
+
+async def _answer_after_body_timeout(rig: Rig, reader: asyncio.StreamReader) -> RawAnswer:
+    """The sidecar's answer, which must come once the body timeout has passed; recorded."""
+    async with asyncio.timeout(RIG_LIMITS.request_body_timeout_seconds + 10):
+        raw = await reader.readuntil(b"\r\n\r\n")
+        answer = parse_answer(raw)
+        raw += await reader.readexactly(int(answer.headers["Content-Length"]))
     answer = parse_answer(raw, closed=False)
     rig.received.append(answer.raw)
     return answer
@@ -284,12 +289,7 @@ async def test_a_slow_control_body_is_cut_off_too(rig: Rig) -> None:
     )
     async with open_raw("127.0.0.1", rig.port) as (reader, writer):
         writer.write(head + b'{"connection_id":')  # and then nothing more
-        async with asyncio.timeout(RIG_LIMITS.request_body_timeout_seconds + 10):
-            raw = await reader.readuntil(b"\r\n\r\n")
-            answer = parse_answer(raw)
-            raw += await reader.readexactly(int(answer.headers["Content-Length"]))
-    answer = parse_answer(raw, closed=False)
-    rig.received.append(answer.raw)
+        answer = await _answer_after_body_timeout(rig, reader)
     problem = assert_problem(answer, BAD_REQUEST)
     assert "did not arrive within" in problem["detail"]
     assert await rig.sidecar.app[STORE].get_run("run_slow") is None
