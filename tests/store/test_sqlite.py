@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import aiosqlite
@@ -13,6 +13,7 @@ import pytest
 
 from revive.errors import ConfigError, Fenced
 from revive.store import ClaimRequest, SqliteStore, StoreUnavailable, open_store
+from revive.store import _sqlite_rows as rows
 from revive.store import migrate
 from revive.store.factory import sqlite_path
 from revive.store.migrate import MIGRATIONS
@@ -54,11 +55,11 @@ async def test_wal_mode_is_on(tmp_path: Path) -> None:
 
 
 async def test_commits_are_durable(tmp_path: Path) -> None:
-    """``synchronous`` is per connection, so ask the store's own writer (FULL = 2)."""
+    """``synchronous`` is per connection, so ask the writer process's own one (FULL = 2)."""
     async with SqliteStore.open(tmp_path / "revive.db") as store:
-        writer = store._writer_thread  # noqa: SLF001 - the setting lives on that connection only
-        assert await writer.call(lambda c: c.execute("PRAGMA synchronous").fetchone()) == (2,)
-        assert await writer.call(lambda c: c.execute("PRAGMA foreign_keys").fetchone()) == (1,)
+        for pragma, expected in (("synchronous", 2), ("foreign_keys", 1)):
+            ask = functools.partial(rows.fetch_one, sql=f"PRAGMA {pragma}", params=())
+            assert await store._write(ask) == (expected,)  # noqa: SLF001 - that connection only
 
 
 async def test_migrations_are_applied_once(tmp_path: Path) -> None:
@@ -140,21 +141,6 @@ async def test_a_cancelled_caller_spoils_nothing(tmp_path: Path) -> None:
         assert (await store.claim(req("key_after"))).kind == "claimed"
         kept = {a.idempotency_key for a in await store.list_actions("run_1")}
         assert {f"key_{i}" for i in range(1, 32, 2)} | {"key_after"} <= kept
-
-
-async def test_close_stops_the_connection_threads(tmp_path: Path) -> None:
-    before = set(threading.enumerate())
-    async with SqliteStore.open(tmp_path / "revive.db") as store:
-        await prepared(store)
-        await store.claim(req("key_1"))
-        started = set(threading.enumerate()) - before
-        ours = [t for t in started if t.name.startswith("revive-sqlite")]
-        assert len(ours) == 2  # the writer's and the reader's
-    for _ in range(200):
-        if not any(t.is_alive() for t in ours):
-            break
-        await asyncio.sleep(0.01)
-    assert not any(t.is_alive() for t in ours)
 
 
 async def test_unopenable_database_is_store_unavailable(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """The SQLite store's write operations, each run by the group-commit writer in its savepoint.
 
-Each function is plain synchronous code over the stdlib ``sqlite3`` connection the writer's own
-thread owns (the writer runs a whole batch of them in one trip to that thread, never on the event
-loop). Each is one logical transaction: it reads and writes through that connection only and
+Each function is plain synchronous code over the stdlib ``sqlite3`` connection the writer process
+owns (it runs a whole batch of them in one transaction, never on the event loop); each reaches
+the writer pickled, as a ``functools.partial`` of the function. Each is one logical transaction: it reads and writes through that connection only and
 raises a ``revive.errors`` problem or :class:`ConflictError` to refuse, which rolls back
 its savepoint and nothing else. ``now`` is taken by the caller when it submits the operation.
 """
@@ -180,9 +180,8 @@ _CLAIM_PROBE = (
 
 
 def claim(conn: Conn, now: float, req: ClaimRequest) -> ClaimOutcome:
-    # Every mutating request runs this on the writer's thread, which shares the GIL with the
-    # event loop. The usual case, a fresh key under a current epoch and generation, is one
-    # statement: the insert happens only if the fence holds and the key is new, and the row
+    # Every mutating request runs this in the writer process. The usual case, a fresh key under
+    # a current epoch and generation, is one statement: the insert happens only if the fence holds and the key is new, and the row
     # is built from what was inserted rather than read back. Anything else takes the probe.
     key = req.idempotency_key
     inserted = _count(conn, _CLAIM_NEW, (

@@ -3,8 +3,9 @@ event loop).
 
 The connection is created, used and closed only on its thread (``check_same_thread`` stays on),
 and each :meth:`ConnectionThread.call` is one trip there: the caller hands over a whole unit of
-work (a read, or a complete group-commit batch) as a synchronous function, so a unit costs one
-thread hop however many statements it runs, instead of one hop per statement.
+work (a read, the migrations) as a synchronous function, so a unit costs one thread hop however
+many statements it runs, instead of one hop per statement. Writes go to the writer process
+(:mod:`revive.store._sqlite_process`), which opens its connection with :func:`connect` too.
 """
 
 from __future__ import annotations
@@ -16,29 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from revive.store._sqlite_writer import connect
 from revive.store.models import StoreUnavailable
 
 T = TypeVar("T")
-
-BUSY_TIMEOUT_MS = 5000
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    """One connection in autocommit mode (we write BEGIN/COMMIT ourselves), WAL and durable.
-
-    Runs on the connection's own thread.
-    """
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL").close()
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
 
 class ConnectionThread:
     """A ``sqlite3`` connection and the single-thread executor that alone may touch it."""

@@ -1,32 +1,26 @@
-"""Group commit for SQLite: many callers' writes share one transaction and one fsync (DESIGN §9).
+"""One group-commit batch on the write connection: a transaction, a savepoint per operation.
 
-One writer task feeds the write connection, which lives on its own thread
-(:class:`~revive.store._sqlite_thread.ConnectionThread`). The task takes every operation queued
-so far and sends the whole batch to that thread in ONE hop, where it runs as plain synchronous
-``sqlite3`` code: ``BEGIN IMMEDIATE``, each operation inside its own ``SAVEPOINT`` so that an
-operation that raises (``Fenced``, a lost compare-and-set) rolls back only its own changes while
-the others are kept, then ``COMMIT``. Every caller's future is resolved only after the ``COMMIT``
-has returned: with ``synchronous=FULL`` that is after the fsync, so nobody is told "done" about a
-write a crash could lose. Batches form by themselves: while one batch commits on the thread, the
-next one queues up on the event loop.
+Runs in the writer process (:mod:`revive.store._sqlite_child`) as plain synchronous ``sqlite3``
+code: ``BEGIN IMMEDIATE``, each operation inside its own ``SAVEPOINT`` so that an operation
+that raises (``Fenced``, a lost compare-and-set) rolls back only its own changes while the
+others are kept, then ``COMMIT``. Results are handed back only after the ``COMMIT`` has
+returned: with ``synchronous=FULL`` that is after the fsync.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from pathlib import Path
+from typing import Any, TypeVar
 
 from revive.errors import ReviveError
-from revive.store._sqlite_thread import ConnectionThread
 from revive.store.models import ConflictError, StoreUnavailable
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], T]
-"""A write operation: synchronous, run on the writer's thread inside its own savepoint."""
+"""A write operation: synchronous, picklable, run by the writer process in its own savepoint."""
 
 Outcome = tuple[bool, Any]
 """``(True, result)`` or ``(False, the exception for that operation's caller)``."""
@@ -37,19 +31,24 @@ MAX_BATCH = 256
 """Operations per transaction at most, so one batch cannot hold the write lock for long."""
 
 
-@dataclass
-class WriterStats:
-    """Counters a test or the bench reads to see group commit at work.
+BUSY_TIMEOUT_MS = 5000
 
-    Attributes:
-        commits: transactions committed.
-        operations: operations that ran (kept or rolled back to their savepoint).
-        largest_batch: the most operations one commit carried.
+
+def connect(path: Path) -> sqlite3.Connection:
+    """One connection in autocommit mode (we write BEGIN/COMMIT ourselves), WAL and durable.
+
+    Runs on the thread or in the process that owns the connection.
     """
-
-    commits: int = 0
-    operations: int = 0
-    largest_batch: int = 0
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL").close()
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def translate(exc: sqlite3.Error) -> ReviveError:
@@ -60,7 +59,7 @@ def translate(exc: sqlite3.Error) -> ReviveError:
 
 
 def run_batch(conn: sqlite3.Connection, ops: Sequence[Op[Any]]) -> list[Outcome]:
-    """Run ``ops`` in one transaction, each in its savepoint; on the writer's thread.
+    """Run ``ops`` in one transaction, each in its savepoint.
 
     Returns:
         Each operation's outcome, in order, once the ``COMMIT`` has returned.
@@ -126,107 +125,3 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
     except sqlite3.Error:
         log.exception("rollback of a failed batch failed")
-
-
-@dataclass
-class _Job:
-    op: Op[Any]
-    future: asyncio.Future[Any]
-
-
-class GroupCommitWriter:
-    """Runs write operations on one connection, batching concurrent ones into one commit."""
-
-    def __init__(self, thread: ConnectionThread, stats: WriterStats) -> None:
-        self._thread = thread
-        self._stats = stats
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="revive-store-writer")
-
-    async def submit(self, op: Op[T]) -> T:
-        """Run ``op`` in the next batch; return its result once the batch is durable.
-
-        A caller cancelled while waiting does not cancel the operation: it may still commit.
-
-        Raises:
-            StoreUnavailable: the store is closed or the batch could not commit.
-            Whatever ``op`` raised (its own changes rolled back, the batch unaffected).
-        """
-        if self._closed:
-            raise StoreUnavailable("store is closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(op, future))
-        return cast(T, await future)
-
-    async def close(self) -> None:
-        """Finish what is queued, then stop the writer task."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put_nowait(None)
-        if self._task is not None:
-            await self._task
-
-    async def _run(self) -> None:
-        try:
-            stopping = False
-            while not stopping:
-                first = await self._queue.get()
-                if first is None:
-                    break
-                batch = [first]
-                while len(batch) < MAX_BATCH and not self._queue.empty():
-                    job = self._queue.get_nowait()
-                    if job is None:
-                        stopping = True
-                        break
-                    batch.append(job)
-                await self._run_batch([j for j in batch if not j.future.cancelled()])
-        finally:
-            # Whatever stopped the writer, nobody may wait for it for ever.
-            self._closed = True
-            while not self._queue.empty():
-                job = self._queue.get_nowait()
-                if job is not None and not job.future.done():
-                    job.future.set_exception(StoreUnavailable("store is closed"))
-
-    async def _run_batch(self, batch: list[_Job]) -> None:
-        if not batch:
-            return
-        ops = [job.op for job in batch]
-        try:
-            outcomes = await self._thread.call(lambda conn: run_batch(conn, ops))
-        except sqlite3.Error as exc:
-            self._fail_all(batch, exc)
-            return
-        except Exception as exc:  # a bug, or the connection closed under the writer
-            log.exception("a store write batch failed")
-            self._fail_all(batch, exc)
-            return
-        except BaseException:
-            # The writer itself was interrupted (cancelled): the thread may still commit the
-            # batch, but nobody may hear "done" about it from here.
-            self._fail_all(batch, sqlite3.OperationalError("store writer interrupted"))
-            raise
-        self._stats.commits += 1
-        self._stats.operations += len(batch)
-        self._stats.largest_batch = max(self._stats.largest_batch, len(batch))
-        for job, (ok, value) in zip(batch, outcomes, strict=True):
-            if job.future.done():
-                continue
-            if ok:
-                job.future.set_result(value)
-            else:
-                job.future.set_exception(value)
-
-    @staticmethod
-    def _fail_all(batch: list[_Job], exc: BaseException) -> None:
-        for job in batch:
-            if not job.future.done():
-                error = StoreUnavailable(f"sqlite: {exc}")
-                error.__cause__ = exc
-                job.future.set_exception(error)

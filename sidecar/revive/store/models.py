@@ -66,6 +66,10 @@ class ConflictError(ReviveError):
         self.entity, self.key, self.expected, self.actual = entity, key, expected, actual
         super().__init__(f"{entity} {key}: expected {expected}, found {actual}")
 
+    def __reduce__(self) -> tuple[type[ConflictError], tuple[str, str, str, str]]:
+        # Raised in the SQLite writer process and pickled back to the caller.
+        return (type(self), (self.entity, self.key, self.expected, self.actual))
+
 
 class StoreUnavailable(ReviveError):
     """The database could not be reached or failed; ``/readyz`` and callers branch on it."""

@@ -1,20 +1,22 @@
 """``SqliteStore``: the default ``Store``, one SQLite file in WAL mode (DESIGN §9).
 
-Two stdlib ``sqlite3`` connections, each owned by its own single thread
-(:class:`ConnectionThread`), so that no sqlite call ever runs on the event loop:
+Two stdlib ``sqlite3`` connections, neither ever used on the event loop:
 
-- the *writer* connection is fed by a :class:`GroupCommitWriter` task; every state change goes
-  through it and concurrent changes share one durable commit (``synchronous=FULL``), a whole
-  batch running in one trip to the writer's thread;
-- the *reader* connection answers plain reads, one trip each; WAL lets it read while the writer
-  commits, and a write's caller is answered only after its commit, so it reads its own writes.
+- the *writer* connection lives in a writer process (:class:`WriterProcess`); every state change
+  goes through it and concurrent changes share one durable commit (``synchronous=FULL``), a
+  whole batch crossing the pipe as one frame each way;
+- the *reader* connection is owned by one thread (:class:`ConnectionThread`) and answers plain
+  reads, one trip each; WAL lets it read while the writer commits, and a write's caller is
+  answered only after its commit, so it reads its own writes.
 
-Why not aiosqlite, which DESIGN §9 names: it is the same design (one thread per connection
-running stdlib ``sqlite3``) but with one thread hop, and one event-loop wake-up, per call. A
-batch of N operations would cost about 4N + 2 hops (BEGIN, a savepoint, the statements and its
-release per operation, COMMIT); here it costs one, which is what lets group commit keep up with
-the proxy. aiosqlite stays a test dependency: tests read the file through it as an independent
-second client.
+Why a process for the writer: ``sqlite3`` holds the GIL for all but the SQLite call itself, so a
+writer *thread* took turns with the event loop on one lock for every statement. Measured on a
+two-core machine (``bench/proxy_overhead.py``, POST at 32 connections): the proxy lost about a
+quarter of its POST throughput to it; with the writer in its own process the loop runs beside it.
+
+Why not aiosqlite, which DESIGN §9 names: it is a writer thread too, and with one thread hop, and
+one event-loop wake-up, per statement. aiosqlite stays a test dependency: tests read the file
+through it as an independent second client.
 
 Several processes may open the same file (``busy_timeout`` waits for the write lock), but a
 sidecar fleet should share PostgreSQL instead.
@@ -34,14 +36,8 @@ from typing import Any
 from revive.store import _sqlite_ops as ops
 from revive.store import _sqlite_rows as rows
 from revive.store._sqlite_thread import ConnectionThread
-from revive.store._sqlite_writer import (
-    GroupCommitWriter,
-    Op,
-    T,
-    WriterStats,
-    single_write,
-    translate,
-)
+from revive.store._sqlite_process import WriterProcess, WriterStats
+from revive.store._sqlite_writer import Op, T, single_write, translate
 from revive.store.migrate import (
     SCHEMA_VERSION_DDL,
     Migration,
@@ -83,14 +79,12 @@ class SqliteStore:
     """The SQLite ``Store``; build it with :meth:`open`, which also applies the migrations."""
 
     def __init__(
-        self, path: Path, reader: ConnectionThread, writer: ConnectionThread,
-        clock: Callable[[], float],
+        self, path: Path, reader: ConnectionThread, clock: Callable[[], float]
     ) -> None:
         self.path = path
         self.stats = WriterStats()
         self._reader = reader
-        self._writer_thread = writer
-        self._writer = GroupCommitWriter(writer, self.stats)
+        self._writer = WriterProcess(path, self.stats)
         self._clock = clock
 
     def __repr__(self) -> str:
@@ -115,17 +109,15 @@ class SqliteStore:
             await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create the database directory: {exc}") from exc
-        writer = ConnectionThread("revive-sqlite-writer")
         reader = ConnectionThread("revive-sqlite-reader")
-        store = cls(path, reader, writer, clock)
+        store = cls(path, reader, clock)
         try:
+            await store.setup()
             try:
-                await writer.open(path)
                 await reader.open(path)
             except sqlite3.Error as exc:
                 raise translate(exc) from exc
-            await store.setup()
-            store._writer.start()
+            await store._writer.start()
             yield store
         finally:
             await store._close()
@@ -134,10 +126,15 @@ class SqliteStore:
         """Apply pending migrations in one transaction under the write lock (idempotent)."""
         migrations = await load_migrations()
         now = self._clock()
+        # A connection of its own, on a thread, closed again: before the writer process starts.
+        thread = ConnectionThread("revive-sqlite-migrate")
         try:
-            await self._writer_thread.call(lambda conn: _migrate(conn, migrations, now))
+            await thread.open(self.path)
+            await thread.call(lambda conn: _migrate(conn, migrations, now))
         except sqlite3.Error as exc:
             raise translate(exc) from exc
+        finally:
+            await thread.close()
 
     async def schema_version(self) -> int | None:
         """The highest applied migration (``None`` before :meth:`setup`)."""
@@ -145,14 +142,11 @@ class SqliteStore:
         return None if row is None else row[0]
 
     async def _close(self) -> None:
-        """Drain the writer's queue, then close both connections on their threads."""
+        """Let the writer process finish what it was sent and stop, then close the reader."""
         try:
             await self._writer.close()
         finally:
-            try:
-                await self._reader.close()
-            finally:
-                await self._writer_thread.close()
+            await self._reader.close()
 
     async def _write(self, op: Op[T]) -> T:
         return await self._writer.submit(op)
@@ -345,7 +339,7 @@ class SqliteStore:
 
 
 def _migrate(conn: sqlite3.Connection, migrations: tuple[Migration, ...], now: float) -> None:
-    """Apply the pending migrations in one transaction under the write lock (writer's thread)."""
+    """Apply the pending migrations in one transaction under the write lock (on a thread)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(SCHEMA_VERSION_DDL)
