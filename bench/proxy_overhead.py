@@ -9,10 +9,11 @@ Four targets answer the same requests, each in its own process on a loopback eph
 
 For GET and for POST (1 KiB body), at 1 and at 32 connections, one target at a time is loaded
 (after a warm-up) by the same tool, so latencies can be subtracted: ``p50_added_us`` is revive's
-percentile minus the upstream's. The upstream counts requests that arrive without the injected
+percentile minus the upstream's. Each measurement is cut into rounds taken in turn across the
+targets, so that a host whose speed drifts during the run skews no ratio. The upstream counts requests that arrive without the injected
 ``Authorization: Bearer bench-token``. The last stdout line is one JSON object.
 
-    .venv/bin/python bench/proxy_overhead.py [--quick] [--duration S] [--json-only]
+    .venv/bin/python bench/proxy_overhead.py [--quick] [--duration S] [--rounds N] [--json-only]
 
 Exit status: 0 when everything started and revive answered every request with a 2xx and the
 right credential; 1 otherwise (reasons on stderr); 130 on Ctrl-C.
@@ -30,6 +31,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -279,12 +281,17 @@ class Server:
         self.wait_ready(timeout, probe)
 
     def rss_kb(self, field_name: str = "VmRSS") -> int | None:
-        try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text(encoding="ascii")
-        except OSError:
-            return None
-        match = re.search(rf"^{field_name}:\s+(\d+) kB", status, re.MULTILINE)
-        return int(match.group(1)) if match else None
+        """The process's memory plus its children's (revive's SQLite writer is a process)."""
+        total = None
+        for pid in _process_tree(self.proc.pid):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text(encoding="ascii")
+            except OSError:
+                continue
+            match = re.search(rf"^{field_name}:\s+(\d+) kB", status, re.MULTILINE)
+            if match:
+                total = (total or 0) + int(match.group(1))
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is not None:
@@ -470,6 +477,7 @@ class Bench:
     duration_s: float
     warmup_s: float
     tool: str
+    rounds: int = 3
     servers: dict[str, Server] = field(default_factory=dict)
     bases: dict[str, str] = field(default_factory=dict)  # target -> URL prefix for /bench/...
     worker_auth: dict[str, str] = field(default_factory=dict)
@@ -565,55 +573,79 @@ class Bench:
         return lambda: server.wait_ready(10, lambda: url if _connectable(port) else None)
 
     def measure(self) -> None:
-        upstream = self.servers["upstream"]
+        """Each case, each target, in ``rounds`` interleaved slices of the duration.
+
+        One target after the other, round after round: a machine whose speed drifts during
+        the run (a shared host) then slows every target alike, instead of whichever one
+        happened to run in the slow minute. A target's rate is its requests over its time
+        summed over the rounds; its percentiles are the median of its rounds'.
+        """
         for case, (method, conns) in CASES.items():
-            self.results[case] = {}
+            slices: dict[str, list[LoadResult]] = {}
             self.mismatches[case] = {}
+            for round_index in range(self.rounds):
+                for target in TARGETS:
+                    if target not in self.bases:
+                        continue
+                    # The first slice warms a target up; later ones only open fresh connections.
+                    warmup = self.warmup_s if round_index == 0 else min(self.warmup_s, 0.3)
+                    result = self._slice(case, method, conns, target, warmup)
+                    if result is not None:
+                        slices.setdefault(target, []).append(result)
+            self.results[case] = {
+                target: _merge(found) if len(found) == self.rounds else None
+                for target, found in slices.items()
+            }
             for target in TARGETS:
-                if target not in self.bases:
-                    continue
-                path = "/bench/get" if method == "GET" else "/bench/post"
-                spec = LoadSpec(
-                    url=self.bases[target] + path,
-                    method=method,
-                    connections=conns,
-                    duration_s=self.duration_s,
-                    warmup_s=self.warmup_s,
-                    headers={"Authorization": self.worker_auth[target]},
-                    body_size=POST_BYTES if method == "POST" else 0,
-                    unique_keys=method == "POST",
-                )
-                say(f".. {case:<9} {target:<9} {self.warmup_s:g} s warm-up + {self.duration_s:g} s")
-                before = upstream_stats(upstream)["auth_mismatches"]
-                try:
-                    result: LoadResult | None = _load.run(spec, self.tool)
-                except RuntimeError as exc:
-                    self.failures.append(f"{case} {target}: load run failed: {exc}")
-                    result = None
-                self.results[case][target] = result
-                self.mismatches[case][target] = upstream_stats(upstream)["auth_mismatches"] - before
-                server = self.servers.get(target if target != "direct" else "upstream")
-                if server is not None and server.proc.poll() is not None:
-                    self.failures.append(
-                        f"{target} died under load (status {server.proc.returncode}):\n"
-                        f"{server.tail()}"
-                    )
-                    del self.bases[target]
-                if target == "revive" and result is not None:
-                    if result.non_2xx or result.socket_errors:
-                        self.failures.append(
-                            f"{case}: revive answered {result.non_2xx} non-2xx and had "
-                            f"{result.socket_errors} socket errors"
-                        )
-                    if self.mismatches[case][target]:
-                        self.failures.append(
-                            f"{case}: {self.mismatches[case][target]} requests reached the "
-                            "upstream through revive without the injected credential"
-                        )
+                if target in self.bases and target not in self.results[case]:
+                    self.results[case][target] = None
         revive = self.servers.get("revive")
         if revive is not None and "revive" in self.bases:
             self.rss_load_kb = revive.rss_kb()
             self.rss_peak_kb = revive.rss_kb("VmHWM")
+
+    def _slice(
+        self, case: str, method: str, conns: int, target: str, warmup: float
+    ) -> LoadResult | None:
+        upstream = self.servers["upstream"]
+        path = "/bench/get" if method == "GET" else "/bench/post"
+        spec = LoadSpec(
+            url=self.bases[target] + path,
+            method=method,
+            connections=conns,
+            duration_s=self.duration_s / self.rounds,
+            warmup_s=warmup,
+            headers={"Authorization": self.worker_auth[target]},
+            body_size=POST_BYTES if method == "POST" else 0,
+            unique_keys=method == "POST",
+        )
+        say(f".. {case:<9} {target:<9} {warmup:g} s warm-up + {spec.duration_s:.3g} s")
+        before = upstream_stats(upstream)["auth_mismatches"]
+        try:
+            result: LoadResult | None = _load.run(spec, self.tool)
+        except RuntimeError as exc:
+            self.failures.append(f"{case} {target}: load run failed: {exc}")
+            result = None
+        mismatches = upstream_stats(upstream)["auth_mismatches"] - before
+        self.mismatches[case][target] = self.mismatches[case].get(target, 0) + mismatches
+        server = self.servers.get(target if target != "direct" else "upstream")
+        if server is not None and server.proc.poll() is not None:
+            self.failures.append(
+                f"{target} died under load (status {server.proc.returncode}):\n{server.tail()}"
+            )
+            del self.bases[target]
+        if target == "revive" and result is not None:
+            if result.non_2xx or result.socket_errors:
+                self.failures.append(
+                    f"{case}: revive answered {result.non_2xx} non-2xx and had "
+                    f"{result.socket_errors} socket errors"
+                )
+            if mismatches:
+                self.failures.append(
+                    f"{case}: {mismatches} requests reached the upstream through revive "
+                    "without the injected credential"
+                )
+        return result
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -648,7 +680,8 @@ class Bench:
     def table(self, summary: dict[str, Any]) -> str:
         rows = [
             f"load: {self.tool} (1 thread), {os.cpu_count()} CPUs, one target at a time, "
-            f"{self.warmup_s:g} s warm-up + {self.duration_s:g} s each; POST body {POST_BYTES} B",
+            f"{self.duration_s:g} s each in {self.rounds} interleaved rounds "
+            f"(first warm-up {self.warmup_s:g} s); POST body {POST_BYTES} B",
             "",
             f"{'case':<9} {'target':<9} {'req/s':>9} {'p50 us':>9} {'p99 us':>9} "
             f"{'non-2xx':>8} {'sock-err':>8} {'no-auth':>8}",
@@ -677,10 +710,47 @@ class Bench:
             rows.append("")
         idle, load, peak = (_fmt(_mb(kb), ".1f") for kb in
                             (self.rss_idle_kb, self.rss_load_kb, self.rss_peak_kb))  # fmt: skip
-        rows.append(f"revive RSS: idle {idle} MB, after load {load} MB (peak {peak} MB)")
+        rows.append(
+            f"revive RSS (sidecar + its SQLite writer process): idle {idle} MB, "
+            f"after load {load} MB (peak {peak} MB)"
+        )
         floor = _fmt(_mb(self.rss_floor_kb), ".1f")
         rows.append(f"stack floor RSS (runtime dependencies imported, one route, idle): {floor} MB")
         return "\n".join(rows)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux: /proc/PID/task/TID/children)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                continue
+    return found
+
+
+def _merge(slices: list[LoadResult]) -> LoadResult:
+    """One target's rounds as one result: summed counts, median percentiles."""
+    requests = sum(r.requests for r in slices)
+    seconds = sum(r.duration_s for r in slices)
+    return LoadResult(
+        requests=requests,
+        duration_s=seconds,
+        rps=requests / seconds if seconds > 0 else 0.0,
+        p50_us=statistics.median(r.p50_us for r in slices),
+        p99_us=statistics.median(r.p99_us for r in slices),
+        non_2xx=sum(r.non_2xx for r in slices),
+        socket_errors=sum(r.socket_errors for r in slices),
+        tool=slices[0].tool,
+    )
 
 
 def _connectable(port: int) -> bool:
@@ -722,6 +792,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=float, help="seconds per measurement (default 7)")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up before each measurement")
+    parser.add_argument(
+        "--rounds", type=int, help="slices each measurement is cut into, interleaved across "
+        "targets (default 3; 1 with --quick)",
+    )
     parser.add_argument("--tool", choices=("auto", "wrk", "aiohttp"), default="auto",
                         help="load generator (auto: wrk when installed)")  # fmt: skip
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
@@ -753,7 +827,11 @@ def main(argv: list[str] | None = None) -> int:
         say("wrk is not installed")
         return 2
 
-    bench = Bench(duration_s=duration, warmup_s=warmup, tool=tool)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if rounds < 1:
+        say("--rounds must be >= 1")
+        return 2
+    bench = Bench(duration_s=duration, warmup_s=warmup, tool=tool, rounds=rounds)
     began = time.monotonic()
     try:
         with _sigterm_as_exit(), ExitStack() as stack:
