@@ -155,3 +155,16 @@ async def test_the_writer_does_not_outlive_a_killed_sidecar(tmp_path: Path) -> N
         if sidecar.returncode is None:
             sidecar.kill()
             await sidecar.wait()
+
+
+async def test_a_write_cancelled_before_it_left_is_never_sent(tmp_path: Path) -> None:
+    async with SqliteStore.open(tmp_path / "revive.db") as store:
+        await prepared(store)
+        task = asyncio.ensure_future(store.claim(req("key_dropped")))
+        await asyncio.sleep(0)  # the claim is queued; the frame leaves on the next loop turn
+        task.cancel()
+        (result,) = await asyncio.gather(task, return_exceptions=True)
+        assert isinstance(result, asyncio.CancelledError)
+        assert (await store.claim(req("key_kept"))).kind == "claimed"
+        assert await store.get_action("key_dropped") is None
+        assert not store._writer._waiting  # noqa: SLF001 - nothing left behind for close()

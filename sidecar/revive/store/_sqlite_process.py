@@ -173,7 +173,12 @@ class WriterProcess:
     def _flush(self) -> None:
         """Send everything queued this loop turn as one frame."""
         self._flush_scheduled = False
-        jobs = [(i, op) for i, op in self._outbox if not self._waiting[i].done()]
+        jobs = []
+        for job_id, op in self._outbox:
+            if self._waiting[job_id].done():  # its caller was cancelled before it left
+                del self._waiting[job_id]
+            else:
+                jobs.append((job_id, op))
         self._outbox = []
         proc = self._proc
         if not jobs:
