@@ -24,6 +24,8 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 
+from revive.store import CaseRow
+
 log = logging.getLogger("revive.notify")
 
 SIGNATURE_HEADER = "Revive-Signature"
@@ -46,6 +48,23 @@ class CaseNotice:
     reconnect_url: str | None = None
     recovery_capability: str | None = field(default=None, repr=False)
     outcome: str | None = None
+
+    @classmethod
+    def for_case(
+        cls,
+        kind: Literal["case.opened", "case.ready"],
+        case: CaseRow,
+        *,
+        reconnect_url: str | None = None,
+        capability: str | None = None,
+        outcome: str | None = None,
+    ) -> CaseNotice:
+        """The notice about ``case``: its joins, and what the receiver may act on."""
+        return cls(
+            kind, case.case_id, case.run_id, case.connection_id, case.checkpoint_id,
+            case.action_key, case.provider_code, case.workflow, reconnect_url, capability,
+            outcome,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

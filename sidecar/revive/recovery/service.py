@@ -193,7 +193,8 @@ class RecoveryService:
         if isinstance(self.notifier, NullNotifier):
             return
         url = self.reconnect_url.format(connection_id=case.connection_id) if self.reconnect_url else None
-        delivered = await self.notifier.notify(_event("case.opened", case, reconnect_url=url))
+        notice = CaseNotice.for_case("case.opened", case, reconnect_url=url)
+        delivered = await self.notifier.notify(notice)
         if delivered:
             try:
                 await self.move(case, CaseEvent.NOTIFIED, "notifier", {"reconnect_url": url})
@@ -209,7 +210,7 @@ class RecoveryService:
         except (BadRequest, NotFound):
             return  # moved on (abandoned, redeemed) before we got here
         await self.notifier.notify(
-            _event("case.ready", case, capability=minted.token, outcome=case.outcome)
+            CaseNotice.for_case("case.ready", case, capability=minted.token, outcome=case.outcome)
         )
 
     async def move(
@@ -483,20 +484,6 @@ class RecoveryService:
             Minted(run_token, run_claims), result.epoch, claims.generation,
             claims.checkpoint_id, case.case_id, result.action,
         )
-
-
-def _event(
-    kind: Literal["case.opened", "case.ready"],
-    case: CaseRow,
-    *,
-    reconnect_url: str | None = None,
-    capability: str | None = None,
-    outcome: str | None = None,
-) -> CaseNotice:
-    return CaseNotice(
-        kind, case.case_id, case.run_id, case.connection_id, case.checkpoint_id,
-        case.action_key, case.provider_code, case.workflow, reconnect_url, capability, outcome,
-    )
 
 
 def _outcome(action: ActionRow | None) -> str:
