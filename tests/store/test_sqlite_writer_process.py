@@ -9,6 +9,7 @@ import signal
 import sys
 import textwrap
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,29 @@ async def test_a_write_cancelled_before_it_left_is_never_sent(tmp_path: Path) ->
         assert (await store.claim(req("key_kept"))).kind == "claimed"
         assert await store.get_action("key_dropped") is None
         assert not store._writer._waiting  # noqa: SLF001 - nothing left behind for close()
+
+
+async def test_an_operation_the_writer_cannot_load_fails_its_frame_not_the_writer(
+    tmp_path: Path,
+) -> None:
+    """It pickles here but names a module only this process has: what was sent with it in the
+    same frame is refused (none of it ran), and the writer stays up for the next frame."""
+    only_here = types.ModuleType("revive_only_in_this_process")
+    exec("def op(conn):\n    return 1\n", only_here.__dict__)  # noqa: S102 - a throwaway module
+    sys.modules[only_here.__name__] = only_here
+    try:
+        async with SqliteStore.open(tmp_path / "revive.db") as store:
+            await prepared(store)
+            refused = await asyncio.gather(
+                store._write(only_here.op),  # noqa: SLF001 - an operation of our own
+                store.claim(req("key_1")),
+                return_exceptions=True,
+            )
+            for error in refused:
+                assert isinstance(error, StoreUnavailable)
+                assert "none of them ran" in str(error)
+            assert await store.get_action("key_1") is None
+            assert (await store.claim(req("key_1"))).kind == "claimed"
+            assert store.stats.starts == 1
+    finally:
+        del sys.modules[only_here.__name__]

@@ -8,8 +8,11 @@ throughput to those handoffs. In its own process the writer's Python runs beside
 
 The protocol, on stdin and stdout, is frames: a 4-byte big-endian length, then a pickle.
 
-- parent → child: ``[(job_id, op), ...]``: each ``op`` is a picklable callable of one
-  ``sqlite3.Connection`` (a ``functools.partial`` of a function in ``_sqlite_ops``);
+- parent → child: ``([job_id, ...], pickled [op, ...])``: each ``op`` is a picklable callable of
+  one ``sqlite3.Connection`` (a ``functools.partial`` of a function in ``_sqlite_ops``). The
+  operations travel as a pickle inside the pickle so that a frame whose operations the writer
+  cannot load (an operation from a module only the sidecar has) fails that frame's jobs, by
+  id, none of them run, instead of killing the writer;
 - child → parent: first ``("ready", sqlite_version)`` or ``("failed", reason)``, then, per
   committed (or failed) transaction, ``[(job_id, ok, result_or_exception), ...]``.
 
@@ -59,6 +62,26 @@ def messages(buffer: bytearray) -> Iterator[Any]:
         yield pickle.loads(payload)
 
 
+def job_frame(jobs: list[tuple[int, Any]]) -> bytes:
+    """The frame that sends ``jobs`` to the writer (raises when an operation does not pickle)."""
+    ops = pickle.dumps([op for _, op in jobs], protocol=pickle.HIGHEST_PROTOCOL)
+    return frame(([job_id for job_id, _ in jobs], ops))
+
+
+def load_jobs(message: tuple[list[int], bytes]) -> tuple[list[tuple[int, Any]], list[Any]]:
+    """The jobs of one frame, or, when its operations cannot be loaded here, their refusals."""
+    job_ids, blob = message
+    try:
+        ops = pickle.loads(blob)
+    except Exception as exc:  # noqa: BLE001 - an unknown module, a class that moved: theirs
+        error = StoreUnavailable(
+            f"the writer cannot load the operations sent with this one ({type(exc).__name__});"
+            " none of them ran"
+        )
+        return [], [(job_id, False, error) for job_id in job_ids]
+    return list(zip(job_ids, ops, strict=True)), []
+
+
 def answer(jobs: list[tuple[int, Any]], outcomes: list[Outcome]) -> list[tuple[int, bool, Any]]:
     """Pair results with their jobs; an exception that cannot cross the pipe becomes a plain one."""
     out = []
@@ -94,10 +117,16 @@ def serve(conn: sqlite3.Connection, read_fd: int, write_fd: int) -> None:
             return
         buffer += chunk
         jobs: list[tuple[int, Any]] = []
+        refused: list[Any] = []
         for message in messages(buffer):
-            jobs.extend(message)
+            loaded, unloadable = load_jobs(message)
+            jobs.extend(loaded)
+            refused.extend(unloadable)
+        if refused and not jobs:
+            _write_all(write_fd, frame(refused))
         for start in range(0, len(jobs), MAX_BATCH):
-            _write_all(write_fd, frame(run_jobs(conn, jobs[start : start + MAX_BATCH])))
+            answered = run_jobs(conn, jobs[start : start + MAX_BATCH])
+            _write_all(write_fd, frame(refused + answered if start == 0 else answered))
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import revive
-from revive.store._sqlite_child import HEADER, frame
+from revive.store._sqlite_child import HEADER, job_frame
 from revive.store._sqlite_writer import Op
 from revive.store.models import StoreUnavailable
 
@@ -187,10 +187,10 @@ class WriterProcess:
             self._fail([i for i, _ in jobs], StoreUnavailable("the SQLite writer process is gone"))
             return
         try:
-            data = frame(jobs)
+            data = job_frame(jobs)
         except Exception:  # noqa: BLE001 - find the operations that cannot be sent
             jobs = self._picklable(jobs)
-            data = frame(jobs) if jobs else b""
+            data = job_frame(jobs) if jobs else b""
         if data:
             proc.stdin.write(data)
 
