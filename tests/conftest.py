@@ -11,7 +11,6 @@ import aiohttp
 import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
-from revive.lab.settings import lab_settings
 from revive.testing.postgres import (
     POSTGRES_URL,
     drop_schema,
@@ -20,8 +19,7 @@ from revive.testing.postgres import (
     with_schema,
 )
 from revive.testing.provider import RunningProvider, running_provider
-from revive.testing.sidecar import running_sidecar
-from revive.testing.story import Story
+from revive.testing.story import Story, granted_lab_settings, story_on
 
 
 @pytest.fixture(autouse=True)
@@ -75,17 +73,12 @@ def fresh_schema() -> Iterator[str]:
 
 async def _story(tmp_path: Path, policy: str) -> AsyncIterator[Story]:
     async with running_provider() as provider:
-        grant = await provider.new_grant()
-        settings = await asyncio.to_thread(
-            lab_settings, tmp_path / "data", provider.url, refresh_token=grant["refresh_token"]
-        )
+        settings = await granted_lab_settings(provider, tmp_path / "data")
         if policy != "microsoft":
             conn = settings.connections[0].model_copy(update={"provider": policy})
             settings = settings.model_copy(update={"connections": [conn]})
-        async with running_sidecar(settings) as sidecar:
-            token = await asyncio.to_thread(settings.admin_token_path.read_text)
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-                yield Story(provider, sidecar, http, token.strip(), tmp_path / "data")
+        async with story_on(provider, settings, tmp_path / "data") as story:
+            yield story
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ import pytest
 from aiohttp import web
 
 from revive.config import WebhookNotifierConfig
-from revive.lab.settings import lab_settings, write_secret
+from revive.lab.settings import write_secret
 from revive.testing.provider import running_provider
 from revive.testing.sidecar import running_sidecar
-from revive.testing.story import Story
+from revive.testing.story import Story, granted_lab_settings
 
 SECRET = b"adapter-webhook-secret"
 TOKEN_MARKERS = ("lab_at_", "lab_rt_")
@@ -70,10 +70,7 @@ async def adapter_story(tmp_path: Path) -> AsyncIterator[AdapterStory]:
     relay.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
     try:
         async with running_provider() as provider:
-            grant = await provider.new_grant()
-            settings = await asyncio.to_thread(
-                lab_settings, tmp_path / "data", provider.url, refresh_token=grant["refresh_token"]
-            )
+            settings = await granted_lab_settings(provider, tmp_path / "data")
             secret = await asyncio.to_thread(
                 write_secret, tmp_path / "hook-secret", SECRET.decode()
             )

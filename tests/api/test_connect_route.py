@@ -8,16 +8,15 @@ callback on the address the request really arrived at.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 
-from revive.lab.settings import LAB_CONNECTION, lab_settings
+from revive.lab.settings import LAB_CONNECTION
 from revive.testing.provider import running_provider
 from revive.testing.sidecar import running_sidecar
-from revive.testing.story import Story
+from revive.testing.story import Story, granted_lab_settings
 
 CALLBACK = f"/v1/connections/{LAB_CONNECTION}/callback"
 
@@ -50,10 +49,7 @@ async def test_the_callback_follows_public_url_then_the_connection_setting(
     tmp_path: Path,
 ) -> None:
     async with running_provider() as provider:
-        grant = await provider.new_grant()
-        base = await asyncio.to_thread(
-            lab_settings, tmp_path / "data", provider.url, refresh_token=grant["refresh_token"]
-        )
+        base = await granted_lab_settings(provider, tmp_path / "data")
         public = base.model_copy(update={"public_url": "https://revive.example.test/"})
         conn = base.connections[0]
         pinned_source = conn.source.model_copy(

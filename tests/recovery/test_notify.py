@@ -14,11 +14,10 @@ import pytest
 from aiohttp import web
 
 from revive.config import WebhookNotifierConfig
-from revive.lab.settings import lab_settings, write_secret
+from revive.lab.settings import write_secret
 from revive.recovery.notify import SIGNATURE_HEADER, CaseNotice, WebhookNotifier, sign, verify
 from revive.testing.provider import running_provider
-from revive.testing.sidecar import running_sidecar
-from revive.testing.story import Story
+from revive.testing.story import granted_lab_settings, story_on
 
 SECRET = b"webhook-secret-for-tests"
 
@@ -105,49 +104,43 @@ async def test_the_runtime_resumes_from_the_notifier_alone(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     async with running_provider() as provider:
-        grant = await provider.new_grant()
-        settings = await asyncio.to_thread(
-            lab_settings, tmp_path / "data", provider.url, refresh_token=grant["refresh_token"]
-        )
+        settings = await granted_lab_settings(provider, tmp_path / "data")
         secret = await asyncio.to_thread(write_secret, tmp_path / "hook-secret", SECRET.decode())
         settings = settings.model_copy(update={"notifier": WebhookNotifierConfig(
             kind="webhook", url=receiver.url, secret_file=secret
         )})
-        async with running_sidecar(settings) as sidecar:
-            token = await asyncio.to_thread(settings.admin_token_path.read_text)
-            async with aiohttp.ClientSession() as http:
-                story = Story(provider, sidecar, http, token.strip(), tmp_path / "data")
-                run_token = await story.mint()
-                await provider.fault("kill_grant")
-                failed = await story.send_briefing(run_token)
-                assert failed.status == 424
-                case_id = failed.body["case_id"]
-                async with asyncio.timeout(10):
-                    while not receiver.events:
-                        await asyncio.sleep(0.02)
-                opened = receiver.events[0]
-                assert opened["type"] == "case.opened" and opened["case_id"] == case_id
-                assert opened["reconnect_url"].endswith(
-                    "/v1/connections/conn_microsoft_ops/connect"
-                )
-                assert opened["recovery_capability"] is None
-                assert (await story.case_reaching(case_id, "awaiting_reconnect"))["state"]
+        async with story_on(provider, settings, tmp_path / "data") as story:
+            run_token = await story.mint()
+            await provider.fault("kill_grant")
+            failed = await story.send_briefing(run_token)
+            assert failed.status == 424
+            case_id = failed.body["case_id"]
+            async with asyncio.timeout(10):
+                while not receiver.events:
+                    await asyncio.sleep(0.02)
+            opened = receiver.events[0]
+            assert opened["type"] == "case.opened" and opened["case_id"] == case_id
+            assert opened["reconnect_url"].endswith(
+                "/v1/connections/conn_microsoft_ops/connect"
+            )
+            assert opened["recovery_capability"] is None
+            assert (await story.case_reaching(case_id, "awaiting_reconnect"))["state"]
 
-                assert (await story.reconnect()).status == 200
-                async with asyncio.timeout(10):
-                    while len(receiver.events) < 2:
-                        await asyncio.sleep(0.02)
-                ready = receiver.events[1]
-                assert ready["type"] == "case.ready" and ready["recovery_capability"]
-                # The runtime needs nothing but the notification to resume the same run.
-                redeemed = await story.call(
-                    "POST", "/v1/capabilities/redeem",
-                    json={"capability": ready["recovery_capability"]},
-                )
-                assert redeemed.status == 200 and redeemed.body["epoch"] == 2
-                sent = await story.send_briefing(redeemed.body["capability"])
-                assert sent.status == 202
-                await story.case_reaching(case_id, "closed")
+            assert (await story.reconnect()).status == 200
+            async with asyncio.timeout(10):
+                while len(receiver.events) < 2:
+                    await asyncio.sleep(0.02)
+            ready = receiver.events[1]
+            assert ready["type"] == "case.ready" and ready["recovery_capability"]
+            # The runtime needs nothing but the notification to resume the same run.
+            redeemed = await story.call(
+                "POST", "/v1/capabilities/redeem",
+                json={"capability": ready["recovery_capability"]},
+            )
+            assert redeemed.status == 200 and redeemed.body["epoch"] == 2
+            sent = await story.send_briefing(redeemed.body["capability"])
+            assert sent.status == 202
+            await story.case_reaching(case_id, "closed")
         assert len(await provider.mails()) == 1
         assert all(receiver.verified)
         for event in receiver.events:

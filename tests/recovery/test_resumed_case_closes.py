@@ -15,18 +15,13 @@ ways to commit left the case ``resumed`` for ever:
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-import aiohttp
-
 from revive.app import STORE
-from revive.lab.settings import lab_settings
-from revive.store import ClaimRequest
+from revive.store import ClaimRequest, Store
 from revive.testing.provider import running_provider
-from revive.testing.sidecar import running_sidecar
 from revive.testing.soak.runtime import STAMP_ID
-from revive.testing.story import RUN, Story, briefing
+from revive.testing.story import RUN, Story, briefing, granted_lab_settings, story_on
 
 
 async def _resumed(story: Story) -> tuple[str, str]:
@@ -100,29 +95,17 @@ async def test_a_restart_closes_a_case_whose_action_committed_before_the_crash(
     tmp_path: Path,
 ) -> None:
     async with running_provider() as provider:
-        grant = await provider.new_grant()
-        settings = await asyncio.to_thread(
-            lab_settings, tmp_path / "data", provider.url, refresh_token=grant["refresh_token"]
-        )
-        async with running_sidecar(settings) as sidecar, aiohttp.ClientSession() as http:
-            token = (await asyncio.to_thread(settings.admin_token_path.read_text)).strip()
-            story = Story(provider, sidecar, http, token, tmp_path / "data")
+        settings = await granted_lab_settings(provider, tmp_path / "data")
+        async with story_on(provider, settings, tmp_path / "data") as story:
             case_id, _ = await _resumed(story)
             case = await story.case(case_id)
             # The resumed send commits in the ledger, and the sidecar dies before it closes
             # the case: the ledger's half of that, written straight to the store.
-            store = sidecar.app[STORE]
             key = case["idempotency_key"]
-            row = await store.get_action(key)
-            assert row is not None
-            await store.claim(ClaimRequest(
-                key, RUN, row.action_key, row.checkpoint_id, row.connection_id,
-                row.fingerprint, settings.sidecar_id, 2, 2,
-            ))
+            store = await _claim_resumed_send(story, key, settings.sidecar_id)
             await store.finish(key, settings.sidecar_id, "committed", status=202)
             assert (await story.case(case_id))["state"] == "resumed"
-        async with running_sidecar(settings) as sidecar, aiohttp.ClientSession() as http:
-            story = Story(provider, sidecar, http, token, tmp_path / "data")
+        async with story_on(provider, settings, tmp_path / "data") as story:
             closed = await story.case(case_id)
             assert closed["state"] == "closed"
             assert closed["transitions"][-1]["actor"] == "startup"
@@ -132,37 +115,37 @@ async def test_a_restart_reconciles_a_resumed_action_answered_but_never_recorded
     tmp_path: Path,
 ) -> None:
     async with running_provider() as provider:
-        grant = await provider.new_grant()
-        settings = await asyncio.to_thread(
-            lab_settings, tmp_path / "data", provider.url, refresh_token=grant["refresh_token"]
-        )
-        async with running_sidecar(settings) as sidecar, aiohttp.ClientSession() as http:
-            token = (await asyncio.to_thread(settings.admin_token_path.read_text)).strip()
-            story = Story(provider, sidecar, http, token, tmp_path / "data")
+        settings = await granted_lab_settings(provider, tmp_path / "data")
+        async with story_on(provider, settings, tmp_path / "data") as story:
             case_id, _ = await _resumed(story)
             key = (await story.case(case_id))["idempotency_key"]
-            store = sidecar.app[STORE]
-            row = await store.get_action(key)
-            assert row is not None
             # The resumed send is claimed and reaches the provider (stamped with its key),
             # the worker hears 202, and the sidecar dies before finishing the claim.
-            await store.claim(ClaimRequest(
-                key, RUN, row.action_key, row.checkpoint_id, row.connection_id,
-                row.fingerprint, settings.sidecar_id, 2, 2,
-            ))
+            await _claim_resumed_send(story, key, settings.sidecar_id)
             fresh = await provider.new_grant()
-            async with http.post(
+            async with story.http.post(
                 f"{provider.url}/v1.0/me/sendMail", json=_stamped(key),
                 headers={"Authorization": f"Bearer {fresh['access_token']}"},
             ) as resp:
                 assert resp.status == 202
-        async with running_sidecar(settings) as sidecar, aiohttp.ClientSession() as http:
-            story = Story(provider, sidecar, http, token, tmp_path / "data")
+        async with story_on(provider, settings, tmp_path / "data") as story:
             closed = await story.case_reaching(case_id, "closed")
             assert closed["transitions"][-1]["from_state"] == "resumed"
             action = next(a for a in closed["actions"] if a["idempotency_key"] == key)
             assert action["state"] == "committed"
         assert len(await provider.mails()) == 1
+
+
+async def _claim_resumed_send(story: Story, key: str, owner: str) -> Store:
+    """Claim the resumed send (epoch 2, generation 2) straight in the sidecar's store."""
+    store = story.sidecar.app[STORE]
+    row = await store.get_action(key)
+    assert row is not None
+    await store.claim(ClaimRequest(
+        key, RUN, row.action_key, row.checkpoint_id, row.connection_id, row.fingerprint,
+        owner, 2, 2,
+    ))
+    return store
 
 
 def _stamped(key: str) -> dict[str, object]:

@@ -5,15 +5,18 @@ Used by the recovery acceptance tests; the lab's demo drives the same routes."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from revive.lab.settings import LAB_CONNECTION
+from revive.config import Settings
+from revive.lab.settings import LAB_CONNECTION, lab_settings
 from revive.testing.provider import RunningProvider
-from revive.testing.sidecar import RunningSidecar
+from revive.testing.sidecar import RunningSidecar, running_sidecar
 
 RUN = "run_7f2"
 WORKFLOW = "Nightly executive briefing"
@@ -105,3 +108,25 @@ def briefing() -> dict[str, Any]:
             "toRecipients": [{"emailAddress": {"address": "ceo@example.com"}}],
         }
     }
+
+
+async def granted_lab_settings(provider: RunningProvider, data_dir: Path) -> Settings:
+    """The lab's settings for ``data_dir``, seeded with a fresh grant of ``provider``."""
+    grant = await provider.new_grant()
+    return await asyncio.to_thread(
+        lab_settings, data_dir, provider.url, refresh_token=grant["refresh_token"]
+    )
+
+
+@asynccontextmanager
+async def story_on(
+    provider: RunningProvider, settings: Settings, data_dir: Path
+) -> AsyncIterator[Story]:
+    """A sidecar started from ``settings`` and the actors talking to it, until the block ends.
+
+    Entered again with the same settings, it is the same sidecar after a restart.
+    """
+    async with running_sidecar(settings) as sidecar:
+        token = await asyncio.to_thread(settings.admin_token_path.read_text)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            yield Story(provider, sidecar, http, token.strip(), data_dir)
