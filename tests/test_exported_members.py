@@ -6,7 +6,10 @@ import importlib
 
 import pytest
 
-PACKAGES = ["revive.classify", "revive.sources", "revive.tokens", "revive.recovery", "revive.store"]
+PACKAGES = [
+    "revive.classify", "revive.sources", "revive.tokens", "revive.recovery", "revive.store",
+    "revive.proxy.upstream",
+]
 
 
 @pytest.mark.parametrize("name", PACKAGES)
