@@ -143,7 +143,7 @@ def serve_upstream() -> None:
 STACK_MODULES = (
     "uvloop", "aiohttp.web", "aiohttp.client", "pydantic", "pydantic_settings", "yaml", "jwt",
     "cryptography.fernet", "cryptography.hazmat.primitives.asymmetric.ed25519",
-    "prometheus_client", "sqlite3",
+    "prometheus_client", "sqlite3", "httptools",
 )
 
 

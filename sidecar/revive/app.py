@@ -29,6 +29,7 @@ from revive.config import Settings
 from revive.errors import ConfigError, ReviveError
 from revive.metrics import Metrics
 from revive.proxy.pipeline import Proxy, Route
+from revive.proxy.upstream import UpstreamClient
 from revive.recovery.notify import Notifier, WebhookNotifier
 from revive.recovery.service import Binding, RecoveryService
 from revive.sources.grants import read_secret_file
@@ -46,7 +47,7 @@ SERVICE = web.AppKey("service", RecoveryService)
 METRICS = web.AppKey("metrics", Metrics)
 API = web.AppKey[RecoveryApi]("api")
 ADMIN = web.AppKey("admin", AdminAuth)
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
 
 # (?s:...): a tail may decode to a newline (%0A); the proxy refuses it as a bad target.
 PROXY_ROUTE = "/proxy/{connection_id}/{tail:(?s:.*)}"
@@ -89,25 +90,17 @@ def resolve_policies(settings: Settings) -> dict[str, Policy]:
     return policies
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    limits = settings.limits
-    connector = aiohttp.TCPConnector(
-        limit=limits.max_upstream_connections, ttl_dns_cache=300, keepalive_timeout=30
+async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
+    limits = app[SETTINGS].limits
+    client = UpstreamClient(
+        limit=limits.max_upstream_connections,
+        connect_timeout=limits.connect_timeout_seconds,
+        read_timeout=limits.upstream_timeout_seconds,
+        keepalive_timeout=30.0,
     )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # relay the provider's bytes as sent; inflate only to classify
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=limits.connect_timeout_seconds,
-            sock_read=limits.upstream_timeout_seconds,
-        ),
-    )
-    app[UPSTREAM] = session
+    app[UPSTREAM] = client
     yield
-    await session.close()
+    await client.close()
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
@@ -155,7 +148,7 @@ async def _recovery(app: web.Application) -> AsyncIterator[None]:
                 c.id: Route.build(c, policies[c.provider], sources[c.id])
                 for c in settings.connections
             },
-            session=app[UPSTREAM],
+            upstream=app[UPSTREAM],
             limits=settings.limits,
             service=service,
             owner=settings.sidecar_id,
@@ -259,7 +252,7 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[POLICIES] = policies if policies is not None else resolve_policies(settings)
-    app.cleanup_ctx.extend([_upstream_session, _store, _keyring, _recovery])
+    app.cleanup_ctx.extend([_upstream_client, _store, _keyring, _recovery])
     app.router.add_route("*", PROXY_ROUTE, _proxy_handler)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

@@ -305,11 +305,15 @@ class LimitsConfig(_Model):
     classify_read_bytes: int = Field(default=64 * 1024, ge=1024)
     """How much of an error answer is read (and decompressed) to classify it."""
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    """Time to open a connection to a provider (TCP and TLS); past it nothing was sent."""
     upstream_timeout_seconds: float = Field(default=60.0, gt=0)
+    """How long a provider may stay silent while its answer is awaited: between bytes, not in
+    total, so a long download that keeps arriving is never cut off."""
     request_body_timeout_seconds: float = Field(default=30.0, gt=0)
     """Time a worker has to deliver its whole request body: a client dribbling bytes
     (slowloris) would otherwise hold a handler, and a streamed upstream request, forever."""
     max_upstream_connections: int = Field(default=256, ge=1)
+    """Connections to providers open at once, over all connections; more requests wait."""
 
 
 class Settings(BaseSettings):

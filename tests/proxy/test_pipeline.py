@@ -92,7 +92,10 @@ def sidecar_factory(
 
     @asynccontextmanager
     async def make(
-        echo: Echo | None = None, limits: LimitsConfig | None = None, echo_provider: str = "oauth2"
+        echo: Echo | None = None,
+        limits: LimitsConfig | None = None,
+        echo_provider: str = "oauth2",
+        echo_token: str = CANARY,
     ) -> AsyncIterator[RunningSidecar]:
         grant = await provider.new_grant()
         settings = await asyncio.to_thread(
@@ -104,7 +107,7 @@ def sidecar_factory(
         )
         if echo is not None:
             tokens = tmp_path / "echo-tokens.json"
-            tokens.write_text(json.dumps({"access_token": CANARY}))
+            tokens.write_text(json.dumps({"access_token": echo_token}))
             extra = ConnectionConfig(
                 id="conn_echo",
                 provider=echo_provider,
@@ -191,6 +194,20 @@ async def test_injected_token_reaches_provider_and_worker_credential_does_not(
         assert gone not in seen["headers"]
     for capability in capabilities.values():  # the worker's credential stops at the sidecar
         assert capability not in json.dumps(seen["headers"])
+
+
+async def test_a_credential_that_would_inject_a_header_is_never_sent(
+    sidecar_factory: SidecarFactory, echo: Echo, http: aiohttp.ClientSession
+) -> None:
+    """A token with a line break in it would add headers of its own: refused before sending."""
+    async with sidecar_factory(echo, echo_token=f"{CANARY}\r\nX-Injected: 1") as sidecar:
+        async with http.get(sidecar.proxy("conn_echo", "items")) as resp:
+            text = await _text(resp)
+            assert resp.status == 500
+            assert resp.content_type == PROBLEM
+            assert json.loads(text.rsplit("\n", 1)[1])["type"] == "urn:revive:internal"
+    assert echo.seen == []
+    assert_no_token(text)
 
 
 async def test_expired_token_refreshes_once_for_a_hundred_concurrent_requests(

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import zlib
 
-import aiohttp
+from revive.proxy.upstream import UpstreamResponse
 
 
-async def read_prefix(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
-    """Read up to ``limit`` bytes; return them and whether that was the whole body."""
+async def read_prefix(resp: UpstreamResponse, limit: int) -> tuple[bytes, bool]:
+    """Read the body until its end or past ``limit`` bytes; return it and whether it ended.
+
+    Past the limit, what was read is at most one network read longer than ``limit``.
+
+    Raises:
+        NoAnswer: the answer broke off.
+    """
     if resp.content_length is not None and resp.content_length <= limit:
         return await resp.read(), True
     chunks: list[bytes] = []
     size = 0
     while size <= limit:
-        chunk = await resp.content.read(limit + 1 - size)
+        chunk = await resp.readany()
         if not chunk:
             return b"".join(chunks), True
         chunks.append(chunk)

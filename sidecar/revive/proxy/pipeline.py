@@ -25,7 +25,6 @@ from typing import Any, NoReturn
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -37,6 +36,7 @@ from revive.errors import (
     CapabilityInvalid,
     CredentialError,
     DeadGrant,
+    InternalError,
     ProblemError,
     OutcomeUnknown,
     ReconcileRequired,
@@ -50,12 +50,19 @@ from revive.logs import bind_request
 from revive.metrics import Metrics
 from revive.proxy.backoff import backoff_delay
 from revive.proxy.body import EMPTY_BODY, RequestBody, read_body
-from revive.proxy.forward import BodyFailed, NoAnswer, NotSent, send
 from revive.proxy.headers import upstream_headers
 from revive.proxy.inspect import inflate_for_classifier, read_prefix
 from revive.proxy.ledger import LedgerEntry, derive_idempotency_key, fingerprint, replay
 from revive.proxy.relay import read_for_ledger, relay
 from revive.proxy.target import check_redirect, split_raw_path, upstream_url
+from revive.proxy.upstream import (
+    BodyFailed,
+    InvalidHeader,
+    NoAnswer,
+    NotSent,
+    UpstreamClient,
+    UpstreamResponse,
+)
 from revive.recovery.reconcile import stamp_request
 from revive.recovery.service import RecoveryService
 from revive.redact import redact
@@ -120,7 +127,7 @@ class Proxy:
     """The proxy handler; one per application, stored under an ``AppKey``."""
 
     routes: dict[str, Route]
-    session: aiohttp.ClientSession
+    upstream: UpstreamClient
     limits: LimitsConfig
     service: RecoveryService
     owner: str
@@ -264,7 +271,10 @@ class Proxy:
                 call.entry.sent = True
             started = time.monotonic()
             try:
-                resp = await send(self.session, call.method, call.url, headers, body.payload())
+                resp = await self.upstream.request(
+                    call.method, call.url, headers, body.payload(),
+                    retry_stale=call.safe and body.replayable,
+                )
             except NotSent:
                 if call.entry is not None:
                     call.entry.sent = False
@@ -286,12 +296,16 @@ class Proxy:
                         idempotency_key=call.entry.key if call.entry else None,
                     ) from None
                 raise (UpstreamTimeout if exc.timed_out else UpstreamUnavailable)(str(exc)) from None
+            except InvalidHeader:
+                if call.entry is not None:
+                    call.entry.sent = False
+                raise InternalError("a header for the provider would break the request") from None
             self.metrics.upstream(route.connection.id, time.monotonic() - started)
             answer = await self._act(call, resp)
             if answer is not None:
                 return answer
 
-    async def _act(self, call: _Call, resp: aiohttp.ClientResponse) -> web.StreamResponse | None:
+    async def _act(self, call: _Call, resp: UpstreamResponse) -> web.StreamResponse | None:
         """Classify one answer and either relay it (returned) or prepare a retry (None)."""
         route, policy, status = call.route, call.route.policy, resp.status
         if 300 <= status < 400 and "Location" in resp.headers:
@@ -306,7 +320,7 @@ class Proxy:
         limit = self.limits.classify_read_bytes
         try:
             prefix, complete = await read_prefix(resp, limit)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except NoAnswer:
             resp.close()
             if call.mutating:
                 raise OutcomeUnknown("the upstream broke off its answer") from None
@@ -341,7 +355,7 @@ class Proxy:
         self,
         call: _Call,
         verdict: Verdict,
-        resp: aiohttp.ClientResponse,
+        resp: UpstreamResponse,
         prefix: bytes,
         complete: bool,
     ) -> web.StreamResponse | None:
@@ -440,7 +454,7 @@ class Proxy:
     async def _relay(
         self,
         call: _Call,
-        resp: aiohttp.ClientResponse,
+        resp: UpstreamResponse,
         prefix: bytes,
         complete: bool,
         verdict: Verdict | None = None,

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-
-import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from revive.errors import UpstreamUnavailable
 from revive.proxy.headers import downstream_headers
 from revive.proxy.inspect import read_prefix
+from revive.proxy.upstream import NoAnswer, UpstreamResponse
 
 
 async def relay(
     request: web.Request,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     prefix: bytes,
     complete: bool,
     location: tuple[URL, str] | None,
@@ -26,10 +24,15 @@ async def relay(
         location: (base URL, connection id) to rewrite a same-connection redirect with.
     """
     out: web.StreamResponse
+    if not complete and resp.at_eof():
+        # The whole answer arrived with its head (the usual small answer): take it now and
+        # send status, headers and body in one write instead of streaming them in two.
+        prefix += resp.read_nowait()
+        complete = True
     if complete:  # already read: one write
         resp.release()
         out = web.Response(status=resp.status, reason=resp.reason, body=prefix)
-    else:  # streaming even small answers: measured faster than read() + web.Response
+    else:  # a body still arriving streams through as it comes
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
     headers = out.headers
     headers.extend(downstream_headers(resp.headers))  # one copy, not two
@@ -39,14 +42,15 @@ async def relay(
         return out
     if resp.content_length is not None:
         out.content_length = resp.content_length
-    await out.prepare(request)
     try:
+        await out.prepare(request)
         if prefix:
             await out.write(prefix)
-        async for chunk in resp.content.iter_any():
+        while chunk := await resp.readany():
             await out.write(chunk)
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        # Headers are already sent: the only honest signal left is a broken connection.
+    except (NoAnswer, ConnectionResetError):
+        # The provider broke off with the head already sent (the only honest signal left
+        # is a broken connection), or the worker left: either way nobody gets the rest.
         resp.close()
         if request.transport is not None:
             request.transport.close()
@@ -56,7 +60,7 @@ async def relay(
     return out
 
 
-async def read_for_ledger(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+async def read_for_ledger(resp: UpstreamResponse, limit: int) -> tuple[bytes, bool]:
     """Read an answer that the ledger stores for replay, bounded.
 
     Raises:
@@ -64,7 +68,7 @@ async def read_for_ledger(resp: aiohttp.ClientResponse, limit: int) -> tuple[byt
     """
     try:
         return await read_prefix(resp, limit)
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except NoAnswer:
         resp.close()
         raise UpstreamUnavailable("the upstream broke off its answer") from None
 
