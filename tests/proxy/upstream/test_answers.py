@@ -290,7 +290,9 @@ def endless_header_lines(trailers: bool) -> Handler:
     async def handle(peer: Peer) -> None:
         await peer.request()
         if trailers:
-            await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n")
+            await peer.send(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+            )
         else:
             await peer.send(b"HTTP/1.1 200 OK\r\n")
         line = b"X-Filler: " + b"v" * 1000 + b"\r\n"

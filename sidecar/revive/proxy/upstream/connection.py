@@ -41,7 +41,9 @@ def _text(raw: bytes) -> str:
 class UpstreamConnection(asyncio.Protocol):
     """The protocol of one pooled connection; the pool hands it one request at a time."""
 
-    def __init__(self, pool: UpstreamClient, key: tuple[str, str, int], read_timeout: float) -> None:
+    def __init__(
+        self, pool: UpstreamClient, key: tuple[str, str, int], read_timeout: float
+    ) -> None:
         self.key = key
         self.exchanges = 0
         """Answers completed on this connection; 0 means it is fresh."""
