@@ -169,6 +169,18 @@ class RawServer:
             self._tasks.discard(task)
 
 
+def then_silent(raw: bytes = b"") -> Handler:
+    """A handler that reads one request, sends ``raw`` (maybe nothing), then says no more."""
+
+    async def handle(peer: Peer) -> None:
+        await peer.request()
+        if raw:
+            await peer.send(raw)
+        await peer.until_closed()
+
+    return handle
+
+
 async def keep_answering(peer: Peer) -> None:
     """The plainest raw handler: answer every request on the connection with ``ok``."""
     while True:

@@ -14,6 +14,7 @@ from tests.proxy.upstream.servers import (
     RawServer,
     eventually,
     fetch,
+    then_silent,
     upstream,
 )
 
@@ -217,12 +218,8 @@ async def test_reset_during_a_body_until_close_is_no_whole_answer() -> None:
 async def test_client_close_during_a_body_until_close_is_no_whole_answer() -> None:
     """Closing the client cuts the body short: the reader must not take that for its end."""
 
-    async def endless(peer: Peer) -> None:
-        await peer.request()
-        await peer.send(b"HTTP/1.1 200 OK\r\n\r\npartial")
-        await peer.until_closed()
-
-    async with RawServer(endless) as server, upstream() as client:
+    handler = then_silent(b"HTTP/1.1 200 OK\r\n\r\npartial")
+    async with RawServer(handler) as server, upstream() as client:
         async with asyncio.timeout(WAIT):
             resp = await client.request("GET", server.url, {}, None)
             assert await resp.readany() == b"partial"
@@ -268,12 +265,8 @@ async def test_malformed_chunk_after_the_head_fails_the_body() -> None:
 async def test_closing_an_answer_wakes_its_reader() -> None:
     """A reader waiting on a body its answer was closed under is told, not left waiting."""
 
-    async def endless(peer: Peer) -> None:
-        await peer.request()
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
-        await peer.until_closed()
-
-    async with RawServer(endless) as server, upstream() as client:
+    handler = then_silent(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    async with RawServer(handler) as server, upstream() as client:
         async with asyncio.timeout(WAIT):
             resp = await client.request("GET", server.url, {}, None)
             reader = asyncio.create_task(resp.readany())

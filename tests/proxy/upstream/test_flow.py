@@ -16,6 +16,7 @@ from tests.proxy.upstream.servers import (
     RawServer,
     fetch,
     keep_answering,
+    then_silent,
     upstream,
 )
 
@@ -72,14 +73,9 @@ async def test_read_collects_a_body_larger_than_the_buffer() -> None:
             assert await resp.read() == body
 
 
-async def stall_after_head(peer: Peer) -> None:
-    await peer.request()
-    await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-    await peer.until_closed()
-
-
 async def test_silence_mid_body_times_out() -> None:
-    async with RawServer(stall_after_head) as server, upstream(read_timeout=0.3) as client:
+    handler = then_silent(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    async with RawServer(handler) as server, upstream(read_timeout=0.3) as client:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(WAIT):
             resp = await client.request("GET", server.url, {}, None)
@@ -93,11 +89,7 @@ async def test_silence_mid_body_times_out() -> None:
 
 
 async def test_silence_before_the_head_times_out() -> None:
-    async def mute(peer: Peer) -> None:
-        await peer.request()
-        await peer.until_closed()
-
-    async with RawServer(mute) as server, upstream(read_timeout=0.3) as client:
+    async with RawServer(then_silent()) as server, upstream(read_timeout=0.3) as client:
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(NoAnswer) as caught:

@@ -24,6 +24,7 @@ from tests.proxy.upstream.servers import (
     fetch,
     keep_answering,
     serving,
+    then_silent,
     upstream,
 )
 
@@ -163,11 +164,7 @@ async def test_unsolicited_bytes_drop_the_connection(same_write: bool) -> None:
 async def test_close_fails_waiters_and_closes_connections() -> None:
     """``close()``: a request waiting for a place is NotSent, one in flight gets NoAnswer."""
 
-    async def silent(peer: Peer) -> None:
-        await peer.request()
-        await peer.until_closed()
-
-    async with RawServer(silent) as server, upstream(limit=1) as client:
+    async with RawServer(then_silent()) as server, upstream(limit=1) as client:
         in_flight = asyncio.create_task(client.request("GET", server.url, {}, None))
         await eventually(lambda: len(server.requests) == 1)
         waiting = asyncio.create_task(client.request("GET", server.url, {}, None))
