@@ -273,7 +273,7 @@ class Proxy:
             try:
                 resp = await self.upstream.request(
                     call.method, call.url, headers, body.payload(),
-                    retry_stale=call.safe and body.replayable,
+                    retry_stale=call.safe,
                 )
             except NotSent:
                 if call.entry is not None:

@@ -93,9 +93,9 @@ class UpstreamClient:
         The caller owns the answer: read its body, then ``release()`` (or ``close()``) it.
 
         Args:
-            retry_stale: the request may be sent again (it is safe to repeat and its body is
-                bytes): when a reused connection turns out closed before any answer, try once
-                more on a fresh one.
+            retry_stale: the request is safe to repeat: when a reused connection turns out
+                closed before any answer, try once more on a fresh one (never with a streamed
+                body, which cannot be sent twice).
 
         Raises:
             NotSent: no connection could be made; the provider never saw the request.
