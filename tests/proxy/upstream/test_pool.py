@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -257,6 +258,20 @@ async def test_stale_keepalive_without_retry_raises_stale() -> None:
         with pytest.raises(StaleConnection):
             await fetch(client, server.url)
         assert client.stats == PoolStats(open=0, idle=0)
+
+
+async def test_a_streamed_body_is_never_sent_twice_even_when_retry_is_allowed() -> None:
+    """A stream is used up by the first attempt: a repeat would send a truncated request."""
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield b"part"
+
+    async with RawServer(stale_on_second) as server, upstream() as client:
+        await fetch(client, server.url)
+        with pytest.raises(StaleConnection):
+            await fetch(client, server.url, "POST", body=upload(), retry_stale=True)
+        assert server.connections == 1
+        assert len(server.requests) == 2
 
 
 async def test_stale_retry_skips_other_stale_idle_connections() -> None:
